@@ -3,7 +3,7 @@
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist (IDX files under
 # /usr/share/datasets/fashion-mnist); chromium/prometheus are added by the issues that use them.
 set -euo pipefail
-PACKAGES=(dataset-fashion-mnist)
+PACKAGES=(dataset-fashion-mnist prometheus)
 if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg >/dev/null 2>&1; then
     echo "install_system_deps: no apt-get here; install these yourself if you need them: ${PACKAGES[*]}" >&2
     exit 0

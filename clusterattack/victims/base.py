@@ -2,7 +2,8 @@
 
 A victim is anything with ``num_clusters``, ``input_shape`` and ``predict_proba``: local
 torch models, Serve-backed clients (``clusterattack.serving.ServedVictim``) and
-label-only APIs (which expose ``predict`` only) all satisfy it.
+label-only APIs (which expose ``predict`` only) all satisfy it. ``ClusteringModel`` is the
+base of the local torch victims of this package.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 
 @runtime_checkable
@@ -48,3 +50,43 @@ def check_images(x: torch.Tensor, input_shape: tuple[int, int, int]) -> None:
         )
     if x.numel() and (torch.isnan(x).any() or x.min() < 0 or x.max() > 1):
         raise ValueError("images must be finite and lie in [0, 1]")
+
+
+class ClusteringModel(nn.Module):
+    """Base of every local deep clustering victim: ``forward`` gives logits over K clusters.
+
+    ``predict_proba`` is the softmax of ``forward`` and stays differentiable, so a white-box
+    reference attack can backpropagate through it; ``features`` exposes the backbone
+    embedding for defenses (anomaly detection, linear probes). Subclasses set ``name`` (the
+    registry key) and keep the frozen dataclass they were built from in ``config``.
+    """
+
+    name: str = ""
+
+    def __init__(self, config, num_clusters: int, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        if int(num_clusters) < 2:
+            raise ValueError(f"num_clusters must be >= 2, got {num_clusters}")
+        if len(tuple(input_shape)) != 3 or min(input_shape) < 1:
+            raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
+        self.config = config
+        self.num_clusters = int(num_clusters)
+        self.input_shape = tuple(int(v) for v in input_shape)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone embedding N x D of images in [0, 1]."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Cluster logits N x K of images in [0, 1]."""
+        raise NotImplementedError
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft memberships N x K (rows sum to 1); differentiable with respect to ``x``."""
+        check_images(x, self.input_shape)
+        return torch.softmax(self(x), dim=1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Hard cluster id per image (argmax of the memberships), int64 of shape N."""
+        return self.predict_proba(x).argmax(dim=1)

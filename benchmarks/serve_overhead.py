@@ -1,0 +1,192 @@
+"""Image throughput of ServedVictim (Serve handle and HTTP) against the same model in-process.
+
+Columns ``handle`` and ``http``: one victim call at a time, ``predict_proba`` on a batch
+of 256 images as in the paper's attack loop; the client splits it into ``--chunk-size``
+requests that overlap. Columns ``*-bulk``: one ``predict_proba`` on all the batches at
+once (surrogate distillation), requests of 256 with ``--in-flight`` outstanding. Each
+model is measured with 1 and 2 replicas (``--replicas``). In-process and served runs are
+interleaved round by round, so load from other processes hits all of them alike; the
+medians and their ratios to in-process (target >= 0.9) are printed at the end.
+
+    python benchmarks/serve_overhead.py                  # light conv net and the CC victim
+    python benchmarks/serve_overhead.py --models cc --rounds 5 --replicas 1
+    python benchmarks/serve_overhead.py --source path/to/victim.pt"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+class LightVictim(nn.Module):
+    """A small conv net on 1 x 28 x 28 images with 10 clusters: cheap enough per batch
+    that serving overhead shows (the worst case for the ratio)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.num_clusters = 10
+        self.input_shape = (1, 28, 28)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+        )
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x), dim=1)
+
+
+def build_model(name: str, source: str | None) -> nn.Module:
+    if source:
+        from clusterattack.victims.io import load_victim
+
+        return load_victim(source).eval()
+    if name == "light":
+        return LightVictim().eval()
+    from clusterattack.victims.registry import get_spec
+
+    torch.manual_seed(0)
+    spec = get_spec(name)
+    # Untrained weights: throughput does not depend on what the weights are.
+    return spec.build(spec.config((1, 28, 28), 10, preset="demo")).eval()
+
+
+def images_per_s(call, batches: list[torch.Tensor]) -> float:
+    started = time.perf_counter()
+    for x in batches:
+        call(x)
+    return sum(len(x) for x in batches) / (time.perf_counter() - started)
+
+
+def bench_model(name: str, replicas: int, args, port: int, ledger, admin) -> dict[str, float]:
+    from clusterattack.serving import ServeConfig, ServedVictim, deploy_victim
+
+    model = build_model(name, args.source)
+    config = ServeConfig(
+        num_replicas=replicas,
+        num_cpus=args.replica_cpus,
+        torch_threads=args.torch_threads,
+        max_batch_size=args.batch_size,
+        max_images_per_request=max(args.batch_size, args.chunk_size),
+        max_request_bytes=64 * 1024 * 1024,
+    )
+    app = f"bench-{name}-{replicas}"
+    handle = deploy_victim(model, name=app, config=config, ledger=ledger)
+    api_key = admin.create_key(app, budget=10**12).api_key
+    generator = torch.Generator().manual_seed(1)
+    shape = tuple(model.input_shape)
+    batches = [torch.rand(args.batch_size, *shape, generator=generator) for _ in range(args.batches)]
+    url = f"http://127.0.0.1:{port}/{app}"
+    chunked = {"chunk_size": args.chunk_size, "max_in_flight": args.in_flight}
+    bulk = {"chunk_size": args.batch_size, "max_in_flight": args.in_flight}
+    clients = {
+        "handle": ServedVictim(handle, api_key, **chunked),
+        "http": ServedVictim(url, api_key, **chunked),
+        "handle-bulk": ServedVictim(handle, api_key, **bulk),
+        "http-bulk": ServedVictim(url, api_key, **bulk),
+    }
+    everything = [torch.cat(batches)]
+
+    def local(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.predict_proba(x)
+
+    calls = {"in-process": (local, batches)}
+    calls.update({label: (client.predict_proba, batches) for label, client in clients.items() if "bulk" not in label})
+    calls.update({label: (client.predict_proba, everything) for label, client in clients.items() if "bulk" in label})
+    runs: dict[str, list[float]] = {label: [] for label in calls}
+    for call, _ in calls.values():  # warm-up: first allocations, connections, replica start
+        call(batches[0])
+    for round_index in range(args.rounds):
+        for label, (call, inputs) in calls.items():
+            runs[label].append(images_per_s(call, inputs))
+        print(
+            f"  {name} x{replicas} round {round_index + 1}: "
+            + ", ".join(f"{label} {values[-1]:,.0f}" for label, values in runs.items() if values)
+            + " images/s",
+            flush=True,
+        )
+    for client in clients.values():
+        expected = (args.rounds * args.batches + 1) * args.batch_size
+        assert client.image_queries == expected, (client.image_queries, expected)
+        client.close()
+    from ray import serve
+
+    serve.delete(app)  # frees its CPUs for the next configuration
+    return {label: statistics.median(values) for label, values in runs.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="light,cc", help="comma list: light or registry names")
+    parser.add_argument("--source", default=None, help="victim path/URI for load_victim (replaces --models)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=8, help="victim calls per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=128, help="images per request (per-call runs)")
+    parser.add_argument("--in-flight", type=int, default=4, help="requests outstanding per client")
+    parser.add_argument("--replicas", default="1,2", help="comma list of replica counts to measure")
+    parser.add_argument("--replica-cpus", type=float, default=0.5, help="Ray CPUs per replica (logical)")
+    # One intra-op thread on both sides by default: on a machine whose cores are shared
+    # with other work, OpenMP's spinning barriers make 2-thread forwards several times
+    # slower than 1-thread ones, in-process and in replicas alike, which measures the
+    # neighbours rather than the serving path.
+    parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads, both sides")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    import ray
+    from ray import serve
+
+    from clusterattack.serving import LedgerAdmin, LedgerConfig, start_serve
+
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        start_serve("127.0.0.1", port)
+        ledger = LedgerConfig(db_path=f"{tmp}/ledger.sqlite", actor_name="bench-ledger")
+        admin = LedgerAdmin(ledger)
+        names = ["source"] if args.source else args.models.split(",")
+        print(
+            f"batch {args.batch_size}, {args.batches} calls x {args.rounds} rounds, chunk "
+            f"{args.chunk_size}, {args.in_flight} in flight, replicas {args.replicas}, "
+            f"{args.torch_threads} torch threads, {os.cpu_count()} CPUs",
+            flush=True,
+        )
+        results = {
+            f"{name} x{replicas}": bench_model(name, int(replicas), args, port, ledger, admin)
+            for name in names
+            for replicas in args.replicas.split(",")
+        }
+        serve.shutdown()
+        from clusterattack.serving.ledger_actor import kill_ledger
+
+        kill_ledger(ledger)
+    ray.shutdown()
+    print("\nmedian images/s, and ratio = served / in-process")
+    labels = ["handle", "http", "handle-bulk", "http-bulk"]
+    print(f"{'model x replicas':<16} {'in-process':>11} " + " ".join(f"{label:>18}" for label in labels))
+    for name, medians in results.items():
+        base = medians["in-process"]
+        cells = " ".join(f"{medians[label]:>11,.0f} ({medians[label] / base:.2f})" for label in labels)
+        print(f"{name:<16} {base:>11,.0f} {cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

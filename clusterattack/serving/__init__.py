@@ -1,0 +1,50 @@
+"""Victims served as budgeted black boxes on Ray Serve, and the client attacks query them.
+
+``deployment`` builds the Serve application of a victim from a ``config.ServeConfig``,
+``ledger`` keeps the budgets and ``ledger_actor`` serves it to every replica, ``schema``
+checks requests and ``http_models`` documents them, ``client.ServedVictim`` is the Victim
+over a handle or HTTP, ``errors`` holds the typed outcomes, ``metrics`` exports counters
+for Prometheus.
+Names are imported on first use: importing Ray Serve and FastAPI takes seconds, and an
+attack that only needs ``ServedVictim`` or the errors should not pay for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ServedVictim": "client",
+    "AutoscalingSpec": "config",
+    "KeySpec": "deployment",
+    "ServeConfig": "config",
+    "build_victim_app": "deployment",
+    "deploy_victim": "deployment",
+    "launch_victims": "deployment",
+    "start_serve": "deployment",
+    "BadRequest": "errors",
+    "BudgetExceeded": "errors",
+    "Forbidden": "errors",
+    "RateLimited": "errors",
+    "ServingError": "errors",
+    "Unauthorized": "errors",
+    "BudgetLedger": "ledger",
+    "LedgerAdmin": "ledger_actor",
+    "LedgerConfig": "ledger_actor",
+    "get_ledger": "ledger_actor",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

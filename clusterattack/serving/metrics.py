@@ -1,0 +1,90 @@
+"""Serving metrics through Ray's metrics API, so Prometheus scrapes them with Ray's own.
+
+Ray exports each metric with a ``ray_`` prefix on every node's metrics port. Replicas
+count what they serve and reject; the ledger actor publishes the budget left per key.
+Tags carry key ids, never the keys themselves.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+LATENCY_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+_lock = threading.Lock()
+
+
+class ServingMetrics:
+    """The counters and histogram of one replica, tagged with its application and mode."""
+
+    def __init__(self, app: str, mode: str) -> None:
+        self._tags = {"app": app, "mode": mode}
+        self.images_served = Counter(
+            "clusterattack_serve_images_served",
+            description="Image-queries answered and charged to a budget.",
+            tag_keys=("app", "mode"),
+        )
+        self.requests_served = Counter(
+            "clusterattack_serve_requests_served",
+            description="Requests answered (a request holds one or more images).",
+            tag_keys=("app", "mode"),
+        )
+        self.requests_rejected = Counter(
+            "clusterattack_serve_requests_rejected",
+            description="Requests refused, by reason: budget, rate_limit, unauthorized, "
+            "invalid_images, too_large, ...",
+            tag_keys=("app", "mode", "reason"),
+        )
+        self.images_rejected = Counter(
+            "clusterattack_serve_images_rejected",
+            description="Images in requests refused for budget or rate limit.",
+            tag_keys=("app", "mode", "reason"),
+        )
+        self.latency_s = Histogram(
+            "clusterattack_serve_request_latency_s",
+            description="Seconds from a request's arrival at the replica to its answer.",
+            boundaries=LATENCY_BOUNDARIES_S,
+            tag_keys=("app", "mode", "endpoint"),
+        )
+
+    def served(self, images: int, latency_s: float, endpoint: str) -> None:
+        self.images_served.inc(images, tags=self._tags)
+        self.requests_served.inc(1, tags=self._tags)
+        self.latency_s.observe(latency_s, tags={**self._tags, "endpoint": endpoint})
+
+    def rejected(self, reason: str, latency_s: float, endpoint: str, images: int = 0) -> None:
+        tags = {**self._tags, "reason": reason}
+        self.requests_rejected.inc(1, tags=tags)
+        if images:
+            self.images_rejected.inc(images, tags=tags)
+        self.latency_s.observe(latency_s, tags={**self._tags, "endpoint": endpoint})
+
+
+@lru_cache(maxsize=1)
+def _budget_gauges() -> tuple[Gauge, Gauge]:
+    tag_keys = ("key_id", "key_name")
+    remaining = Gauge(
+        "clusterattack_budget_remaining",
+        description="Image-queries left in the budget of an API key.",
+        tag_keys=tag_keys,
+    )
+    used = Gauge(
+        "clusterattack_budget_used",
+        description="Image-queries charged to an API key.",
+        tag_keys=tag_keys,
+    )
+    return remaining, used
+
+
+def record_budget_status(status) -> None:
+    """Publish a key's remaining and used budget (the ledger's ``on_change`` hook)."""
+    if status.role != "attacker":
+        return
+    with _lock:
+        remaining, used = _budget_gauges()
+    tags = {"key_id": status.key_id, "key_name": status.name}
+    remaining.set(0 if status.revoked else status.remaining, tags=tags)
+    used.set(status.used, tags=tags)
