@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_system_deps.sh
 	touch $(STAMP)
 
 demo: setup
-	$(PY) jobs/demo.py
+	$(PY) jobs/sweep.py --preset demo
 
 test: setup
 	$(PY) -m pytest

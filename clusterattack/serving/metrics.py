@@ -51,7 +51,9 @@ class ServingMetrics:
         )
 
     def served(self, images: int, latency_s: float, endpoint: str) -> None:
-        self.images_served.inc(images, tags=self._tags)
+        # Ray's Counter refuses inc(0); requests that carry no image (album reads) are served too.
+        if images:
+            self.images_served.inc(images, tags=self._tags)
         self.requests_served.inc(1, tags=self._tags)
         self.latency_s.observe(latency_s, tags={**self._tags, "endpoint": endpoint})
 

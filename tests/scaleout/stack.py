@@ -143,7 +143,7 @@ def main(workdir: Path) -> None:
     from ray import serve
 
     from clusterattack.serving import KeySpec, LedgerConfig, ServeConfig, launch_victims
-    from clusterattack.serving.ledger import kill_ledger
+    from clusterattack.serving.ledger_actor import kill_ledger
 
     metrics_port, serve_port = free_port(), free_port()
     context = ray.init(

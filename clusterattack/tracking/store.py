@@ -1,0 +1,147 @@
+"""Where MLflow writes (local sqlite store by default, a server when configured) and run helpers.
+
+Default store, when ``MLFLOW_TRACKING_URI`` is unset: ``sqlite:///mlruns/mlflow.db`` in the
+working directory, artifacts under ``mlruns/artifacts`` (``CLUSTERATTACK_ARTIFACT_ROOT``
+overrides the artifact folder). ``UI_COMMAND`` opens the MLflow UI on that store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+STORE_DIR = "mlruns"
+DEFAULT_TRACKING_URI = f"sqlite:///{STORE_DIR}/mlflow.db"
+UI_COMMAND = f"mlflow ui --backend-store-uri {DEFAULT_TRACKING_URI}"
+ARTIFACT_ROOT_ENV = "CLUSTERATTACK_ARTIFACT_ROOT"
+_PARAM_LIMIT = 6000  # MLflow rejects longer parameter values
+
+
+def default_tracking_uri(base_dir: str | Path | None = None) -> str:
+    """The local sqlite store under ``base_dir`` (default: the working directory), as an absolute URI.
+
+    Absolute so that Ray workers, which run in other directories, write to the same file.
+    """
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    return f"sqlite:///{(base / STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def artifact_root(uri: str | None = None) -> str | None:
+    """Folder URI new experiments store artifacts in; None for a server (the server decides)."""
+    uri = uri or mlflow.get_tracking_uri()
+    env = os.environ.get(ARTIFACT_ROOT_ENV)
+    if env:
+        return Path(env).resolve().as_uri() if "://" not in env else env
+    if not is_local_store(uri):
+        return None
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "artifacts").as_uri()
+    return (Path.cwd() / STORE_DIR / "artifacts").resolve().as_uri()
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow (tracking and registry) at ``tracking_uri``, the environment's, or the default store.
+
+    The chosen URI is exported as ``MLFLOW_TRACKING_URI`` when that was unset, so child
+    processes (Ray workers, ``mlflow ui`` started from here) see the same store.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def ui_command(tracking_uri: str | None = None, port: int | None = None) -> str:
+    """The shell command that opens the MLflow UI on a store (default: the local one)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    cmd = f"mlflow ui --backend-store-uri {uri}"
+    return f"{cmd} --port {port}" if port else cmd
+
+
+def client() -> MlflowClient:
+    """A client on the configured store (see ``configure``)."""
+    configure()
+    return MlflowClient()
+
+
+def ensure_experiment(name: str) -> str:
+    """Id of experiment ``name``, created (with the local artifact root) when missing."""
+    configure()
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = artifact_root()
+    location = f"{root.rstrip('/')}/{name}" if root else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> one level with dotted keys (``backbone.width``)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log (nested) parameters on the active run; values are stringified, long ones truncated."""
+    flat = {
+        k: json.dumps(v) if isinstance(v, list | tuple) else str(v)
+        for k, v in flatten(params).items()
+    }
+    mlflow.log_params({k: v[:_PARAM_LIMIT] for k, v in flat.items()})
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Log the finite numeric entries of ``metrics`` on the active run (others are skipped)."""
+    clean = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if math.isfinite(v):
+            clean[k] = float(v)
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_dict(values: Mapping[str, Any], artifact_file: str) -> None:
+    mlflow.log_dict(dict(values), artifact_file)
+
+
+@contextlib.contextmanager
+def start_run(
+    experiment: str,
+    run_name: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run in ``experiment`` (created if needed) with params and tags logged up front."""
+    experiment_id = ensure_experiment(experiment)
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {})
+    ) as run:
+        if params:
+            log_params(params)
+        yield run
