@@ -68,9 +68,7 @@ class ClusteringModel(nn.Module):
         if int(num_clusters) < 2:
             raise ValueError(f"num_clusters must be >= 2, got {num_clusters}")
         if len(tuple(input_shape)) != 3 or min(input_shape) < 1:
-            raise ValueError(
-                f"input_shape must be (C, H, W) with positive sizes, got {input_shape}"
-            )
+            raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
         self.config = config
         self.num_clusters = int(num_clusters)
         self.input_shape = tuple(int(v) for v in input_shape)
