@@ -17,10 +17,8 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_system_deps.sh
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# Until jobs/sweep.py lands, the most end-to-end job that exists: ingest Fashion-MNIST as Parquet.
 demo: setup
-	@echo "demo: jobs/sweep.py has not landed yet; running the most end-to-end job that exists (ingest)"
-	$(PY) jobs/ingest.py --dataset fashion_mnist --out data/fashion_mnist --overwrite
+	$(PY) jobs/sweep.py --preset demo
 
 test: setup
 	$(PY) -m pytest

@@ -1,4 +1,4 @@
-"""MLflow tracking for the platform: store set-up, runs and metrics.
+"""MLflow tracking for the platform: store set-up, runs and metrics, the victim model registry.
 
 This is the only package that imports mlflow. Default store: ``sqlite:///mlruns/mlflow.db``
 in the working directory (artifacts in ``mlruns/artifacts``); ``MLFLOW_TRACKING_URI`` selects
@@ -20,6 +20,13 @@ from clusterattack.tracking.store import (
     start_run,
     ui_command,
 )
+from clusterattack.tracking.victims import (
+    list_victims,
+    load_model,
+    log_victim,
+    model_uri,
+    registered_name,
+)
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -30,9 +37,14 @@ __all__ = [
     "default_tracking_uri",
     "ensure_experiment",
     "flatten",
+    "list_victims",
+    "load_model",
     "log_dict",
     "log_metrics",
     "log_params",
+    "log_victim",
+    "model_uri",
+    "registered_name",
     "start_run",
     "ui_command",
 ]

@@ -68,7 +68,9 @@ class ClusteringModel(nn.Module):
         if int(num_clusters) < 2:
             raise ValueError(f"num_clusters must be >= 2, got {num_clusters}")
         if len(tuple(input_shape)) != 3 or min(input_shape) < 1:
-            raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
+            raise ValueError(
+                f"input_shape must be (C, H, W) with positive sizes, got {input_shape}"
+            )
         self.config = config
         self.num_clusters = int(num_clusters)
         self.input_shape = tuple(int(v) for v in input_shape)
@@ -82,8 +84,15 @@ class ClusteringModel(nn.Module):
         raise NotImplementedError
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        """Soft memberships N x K (rows sum to 1); differentiable with respect to ``x``."""
+        """Soft memberships N x K (rows sum to 1); differentiable with respect to ``x``.
+
+        Inputs are moved to the model's device and the memberships come back on the
+        input's device, so a victim on a GPU answers CPU queries (``.to`` keeps autograd).
+        """
         check_images(x, self.input_shape)
+        param = next(self.parameters(), None)
+        if param is not None and param.device != x.device:
+            return torch.softmax(self(x.to(param.device)), dim=1).to(x.device)
         return torch.softmax(self(x), dim=1)
 
     @torch.no_grad()

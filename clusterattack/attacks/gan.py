@@ -1,0 +1,398 @@
+"""Training loop of the generator attack: GAN steps, gradient source, convergence, budget exits."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from clusterattack.attacks.config import AttackConfig
+from clusterattack.attacks.counting import calls_of, read_counts
+from clusterattack.attacks.discriminator import Discriminator
+from clusterattack.attacks.generator import Generator
+from clusterattack.attacks.gradients import GradientSource, make_gradient_source, query_memberships
+from clusterattack.attacks.losses import (
+    attack_objective,
+    constraint_penalty,
+    discriminator_loss,
+    generator_gan_loss,
+    membership_distance,
+)
+from clusterattack.serving.errors import BudgetExceeded
+from clusterattack.victims.base import Victim
+
+__all__ = ["AttackResult", "ConvergenceTracker", "perturb_images", "train_generator"]
+
+log = logging.getLogger(__name__)
+
+STOP_COMPLETED = "completed"
+STOP_CONVERGED = "converged"
+STOP_BUDGET = "budget_exhausted"
+STOP_CALLER = "stopped_by_caller"
+
+#: Called after every epoch with the result so far and the state to resume from (see
+#: ``train_generator``); returning True ends training.
+EpochHook = Callable[["AttackResult", dict[str, Any]], bool | None]
+
+
+class ConvergenceTracker:
+    """The convergence rule that fixes the query complexity of a run.
+
+    After each epoch the epoch-mean generator loss is compared with the best mean so far.
+    An epoch is *stale* when it improves the best by less than ``tol`` times the total
+    improvement since the first epoch (at least ``1e-4``, so that a flat loss counts as
+    converged). The loss has converged at the end of the first run of ``patience``
+    consecutive stale epochs; the queries spent up to that point are the query complexity.
+    Scaling by the total improvement makes the rule independent of the loss's offset and
+    units (mutual information near 0, a negative distance, the GAN term).
+    """
+
+    def __init__(self, tol: float, patience: int) -> None:
+        self.tol = tol
+        self.patience = patience
+        self.first: float | None = None
+        self.best = math.inf
+        self.stale = 0
+        self.converged_epoch: int | None = None
+
+    def update(self, epoch: int, loss: float) -> bool:
+        """Record one epoch's mean loss; True the first time the rule is met."""
+        if not math.isfinite(loss):
+            self.stale = 0
+            return False
+        if self.first is None:
+            self.first, self.best = loss, loss
+            return False
+        scale = max(self.first - self.best, 1e-4)
+        if self.best - loss > self.tol * scale:
+            self.stale = 0
+        else:
+            self.stale += 1
+        self.best = min(self.best, loss)
+        if self.converged_epoch is None and self.stale >= self.patience:
+            self.converged_epoch = epoch
+            return True
+        return False
+
+
+@dataclass
+class AttackResult:
+    """What a generator training run produced, complete or cut short.
+
+    ``image_queries`` and ``calls`` are what the victim's own counters moved by during
+    training (None when the victim keeps no counters); ``*_at_convergence`` are the same
+    at the epoch the convergence rule fired (None if it never did). ``stopped`` is
+    "completed", "converged" (with ``stop_at_convergence``) or "budget_exhausted".
+    """
+
+    config: AttackConfig
+    generator: Generator
+    discriminator: Discriminator
+    source: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped: str = STOP_COMPLETED
+    error: str | None = None
+    converged_epoch: int | None = None
+    image_queries: int | None = None
+    calls: int | None = None
+    image_queries_at_convergence: int | None = None
+    calls_at_convergence: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    def summary(self) -> dict[str, Any]:
+        """Flat record of the run: config essentials, stop reason, query complexity."""
+        cfg = self.config
+        return {
+            "gradient_source": cfg.gradient_source,
+            "black_box": cfg.black_box,
+            "norm": cfg.norm,
+            "eps": cfg.eps,
+            "attack_loss": cfg.attack_loss,
+            "target_cluster": cfg.target_cluster,
+            "seed": cfg.seed,
+            "stopped": self.stopped,
+            "error": self.error,
+            "epochs_run": self.epochs_run,
+            "converged_epoch": self.converged_epoch,
+            "image_queries": self.image_queries,
+            "calls": self.calls,
+            "calls_256": calls_of(self.image_queries, 256),
+            "image_queries_at_convergence": self.image_queries_at_convergence,
+            "calls_at_convergence": self.calls_at_convergence,
+            "calls_256_at_convergence": calls_of(self.image_queries_at_convergence, 256),
+            "train_seconds": round(self.seconds, 2),
+        }
+
+
+def perturb_images(
+    generator: Generator,
+    images: torch.Tensor,
+    config: AttackConfig,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """Adversarial versions of ``images`` (CPU tensor), generated in batches without autograd."""
+    was_training = generator.training
+    generator.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size].to(config.device)
+            x_adv, _, _ = generator.perturb(x, config.norm, config.eps, config.hard_clamp)
+            out.append(x_adv.cpu())
+    generator.train(was_training)
+    return torch.cat(out) if out else images.clone()
+
+
+def _counts_since(victim: Victim, start: tuple[int | None, int | None]) -> tuple[int | None, int | None]:
+    now = read_counts(victim)
+    return tuple(  # type: ignore[return-value]
+        None if a is None or b is None else a - b for a, b in zip(now, start, strict=True)
+    )
+
+
+def _lr_factor(config: AttackConfig, epoch: int) -> float:
+    """Step schedule of the authors' code: lr times gamma at each milestone passed."""
+    return config.lr_gamma ** sum(1 for m in config.lr_milestones if epoch >= m)
+
+
+def train_generator(
+    victim: Victim,
+    images: torch.Tensor,
+    config: AttackConfig,
+    *,
+    progress: bool = True,
+    source: GradientSource | None = None,
+    on_epoch_end: EpochHook | None = None,
+    resume: Mapping[str, Any] | None = None,
+) -> AttackResult:
+    """Train a generator against ``victim`` on ``images`` (float N x C x H x W in [0, 1]).
+
+    Clean memberships M_i are queried once per training image and cached. The gradient of
+    the attack term comes from ``config.gradient_source``; in the black-box modes the
+    victim is reached only through ``predict_proba`` on detached inputs. A
+    ``BudgetExceeded`` from the victim ends the run cleanly: the generator as trained so
+    far, the history and the query counts are returned with ``stopped`` set to
+    "budget_exhausted".
+
+    Epoch by epoch (a Tune trial): ``on_epoch_end(result, state)`` runs after each epoch
+    and returns True to stop. ``state`` holds everything needed to continue (epoch,
+    generator, discriminator and optimiser states, RNG, history, query counts so far, the
+    cached clean memberships; live tensors, so save or copy them before returning) and is
+    what ``resume`` takes back: training then continues at the next epoch without
+    querying the clean memberships again. The gradient source is prepared afresh from
+    them (a surrogate is re-distilled; its refresh pool is not kept).
+    """
+    from tqdm.auto import tqdm
+
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(victim.input_shape):
+        raise ValueError(
+            f"images must be N x {' x '.join(map(str, victim.input_shape))} to match the victim, "
+            f"got {tuple(images.shape)}"
+        )
+    if config.target_cluster is not None and config.target_cluster >= victim.num_clusters:
+        raise ValueError(
+            f"target_cluster must lie in 0..{victim.num_clusters - 1}, got {config.target_cluster}"
+        )
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % (2**32))
+    rng = torch.Generator().manual_seed(config.seed)
+    device = torch.device(config.device)
+    shape = tuple(int(v) for v in victim.input_shape)
+
+    order = torch.randperm(images.shape[0], generator=rng)
+    n_train = min(config.train_limit or images.shape[0], images.shape[0])
+    n_query = n_train
+    if config.gradient_source == "surrogate":
+        n_query = max(n_train, min(config.surrogate.distill_queries, images.shape[0]))
+    pool = images[order[:n_query]].float().contiguous()
+
+    generator = Generator(shape, config.generator_width, config.generator_blocks).to(device)
+    discriminator = Discriminator(shape, config.discriminator_width).to(device)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr)
+    source = source or make_gradient_source(victim, config)
+    result = AttackResult(config, generator, discriminator, source.describe())
+    tracker = ConvergenceTracker(config.converge_tol, config.converge_patience)
+    start_counts = read_counts(victim)
+    started = time.perf_counter()
+    first_epoch, clean, offset = 1, None, (0, 0)
+    if resume is not None:
+        first_epoch, clean, offset = _restore(resume, result, tracker, generator, discriminator, opt_g, opt_d, rng)
+        if clean is not None and tuple(clean.shape) != (n_query, victim.num_clusters):
+            raise ValueError(
+                f"resume state holds clean memberships of shape {tuple(clean.shape)}, expected "
+                f"{(n_query, victim.num_clusters)}: it was made with another config or data set"
+            )
+
+    def counts_so_far() -> tuple[int | None, int | None]:
+        used = _counts_since(victim, start_counts)
+        return tuple(None if u is None else u + o for u, o in zip(used, offset, strict=True))  # type: ignore[return-value]
+
+    def perturb(x: torch.Tensor) -> torch.Tensor:
+        return perturb_images(generator, x, config)
+
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    bar = tqdm(
+        total=(config.epochs - first_epoch + 1) * steps_per_epoch,
+        desc=f"attack[{config.gradient_source}]",
+        disable=not progress,
+    )
+    try:
+        if clean is None:
+            clean = query_memberships(victim, pool, config.query_batch)
+        source.prepare(pool, clean, progress=progress)
+        train_x, train_m = pool[:n_train], clean[:n_train]
+        for epoch in range(first_epoch, config.epochs + 1):
+            for opt in (opt_g, opt_d):
+                for group in opt.param_groups:
+                    group["lr"] = config.lr * _lr_factor(config, epoch - 1)
+            sums: dict[str, float] = {}
+            seen = 0
+            perm = torch.randperm(n_train, generator=rng)
+            for start in range(0, n_train, config.batch_size):
+                idx = perm[start : start + config.batch_size]
+                if idx.numel() < 2:
+                    continue  # a one-image batch has no mutual information to speak of
+                stats = _step(
+                    generator, discriminator, opt_g, opt_d, source, config,
+                    train_x[idx].to(device), train_m[idx].to(device),
+                )
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value * idx.numel()
+                seen += idx.numel()
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss_g']:.4f}", refresh=False)
+            row = {key: value / max(seen, 1) for key, value in sums.items()}
+            row["epoch"] = float(epoch)
+            row.update(source.end_of_epoch(epoch, perturb, train_x))
+            used = counts_so_far()
+            row["image_queries"] = float("nan") if used[0] is None else float(used[0])
+            row["calls"] = float("nan") if used[1] is None else float(used[1])
+            result.history.append(row)
+            log.info("epoch %d: %s", epoch, {k: round(v, 5) for k, v in row.items()})
+            converged_stop = False
+            if tracker.update(epoch, row["loss_g"]):
+                result.converged_epoch = epoch
+                result.image_queries_at_convergence, result.calls_at_convergence = used
+                log.info("generator loss converged at epoch %d (%s image-queries)", epoch, used[0])
+                if config.stop_at_convergence:
+                    result.stopped = STOP_CONVERGED
+                    converged_stop = True
+            if on_epoch_end is not None:
+                state = {
+                    "epoch": epoch,
+                    "generator": generator.state_dict(),
+                    "discriminator": discriminator.state_dict(),
+                    "opt_g": opt_g.state_dict(),
+                    "opt_d": opt_d.state_dict(),
+                    "rng": rng.get_state(),
+                    "history": [dict(r) for r in result.history],
+                    "counts": used,
+                    "clean": clean,
+                }
+                if on_epoch_end(result, state) and not converged_stop:
+                    result.stopped = STOP_CALLER
+                    break
+            if converged_stop:
+                break
+    except BudgetExceeded as err:
+        result.stopped = STOP_BUDGET
+        result.error = str(err)
+        log.warning("query budget exhausted after %d epochs: %s", len(result.history), err)
+    finally:
+        bar.close()
+        source.close()
+        generator.eval()
+        discriminator.eval()
+        result.image_queries, result.calls = counts_so_far()
+        result.seconds = time.perf_counter() - started
+    return result
+
+
+def _restore(
+    state: Mapping[str, Any],
+    result: AttackResult,
+    tracker: ConvergenceTracker,
+    generator: Generator,
+    discriminator: Discriminator,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    rng: torch.Generator,
+) -> tuple[int, torch.Tensor | None, tuple[int, int]]:
+    """Load a state given to ``on_epoch_end``; returns (next epoch, clean memberships, counts)."""
+    missing = {"epoch", "generator", "discriminator", "opt_g", "opt_d", "rng", "history"} - set(state)
+    if missing:
+        raise ValueError(f"resume state lacks {sorted(missing)}; pass the state given to on_epoch_end")
+    generator.load_state_dict(state["generator"])
+    discriminator.load_state_dict(state["discriminator"])
+    opt_g.load_state_dict(state["opt_g"])
+    opt_d.load_state_dict(state["opt_d"])
+    rng.set_state(state["rng"])
+    result.history = [dict(row) for row in state["history"]]
+    # Replaying the losses restores the convergence rule (and its query complexity) exactly.
+    for row in result.history:
+        if tracker.update(int(row["epoch"]), float(row["loss_g"])):
+            result.converged_epoch = int(row["epoch"])
+            result.image_queries_at_convergence = _as_count(row.get("image_queries"))
+            result.calls_at_convergence = _as_count(row.get("calls"))
+    counts = tuple(0 if c is None else int(c) for c in state.get("counts") or (0, 0))
+    return int(state["epoch"]) + 1, state.get("clean"), counts  # type: ignore[return-value]
+
+
+def _as_count(value: Any) -> int | None:
+    return None if value is None or not math.isfinite(float(value)) else int(value)
+
+
+def _step(
+    generator: Generator,
+    discriminator: Discriminator,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    source: GradientSource,
+    config: AttackConfig,
+    x: torch.Tensor,
+    clean: torch.Tensor,
+) -> dict[str, float]:
+    """One discriminator step and one generator step on a batch; returns batch statistics."""
+    x_adv, _, g = generator.perturb(x, config.norm, config.eps, config.hard_clamp)
+    loss_d = torch.zeros(())
+    if config.alpha_gan > 0:
+        loss_d = discriminator_loss(discriminator(x), discriminator(x_adv.detach()), config.gan_loss)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+
+    perturbed = source.memberships(x_adv)
+    attack = attack_objective(clean, perturbed, config.attack_loss, config.target_cluster, config.mi_temperature)
+    gan = generator_gan_loss(discriminator(x_adv), config.gan_loss) if config.alpha_gan > 0 else torch.zeros(())
+    constraint = constraint_penalty(g, config.norm, config.eps)
+    loss_g = config.alpha_gan * gan + config.alpha_a * attack + config.alpha_c * constraint
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    source.after_step()
+    # Gradients reach the discriminator through the generator's loss as well; clear them
+    # so its next step sees only its own loss.
+    opt_d.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        changed = (perturbed.argmax(1) != clean.argmax(1)).float().mean()
+        distance = membership_distance(clean, perturbed)
+    return {
+        "loss_g": float(loss_g.detach()),
+        "loss_d": float(loss_d.detach()),
+        "attack_term": float(attack.detach()),
+        "gan_g": float(gan.detach()),
+        "constraint": float(constraint.detach()),
+        "membership_distance": float(distance),
+        "changed_fraction": float(changed),
+    }

@@ -1,0 +1,65 @@
+"""Attack runs in MLflow: config, query counts, evaluation, figures and the generator itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from clusterattack.tracking.store import configure, log_metrics, log_params, start_run
+
+__all__ = ["ATTACK_EXPERIMENT", "GENERATOR_ARTIFACT", "download_generator", "log_attack_report"]
+
+log = logging.getLogger(__name__)
+
+ATTACK_EXPERIMENT = "attacks"
+GENERATOR_ARTIFACT = "generator/generator.pt"
+_TAG_KEYS = ("victim", "dataset", "gradient_source", "norm", "eps", "attack_loss", "seed", "stopped")
+
+
+def log_attack_report(report: Any, experiment: str = ATTACK_EXPERIMENT, run_name: str | None = None) -> str:
+    """Log an ``AttackReport`` as one MLflow run; returns the run id.
+
+    Params: the full attack config (flat) plus victim and dataset. Metrics: query counts,
+    convergence and every numeric evaluation entry, and the per-epoch history as steps.
+    Tags: victim, dataset, gradient source, norm, eps, attack loss, seed and why training
+    stopped, so runs filter by them. Artifacts: ``record.json`` (everything, cluster size
+    histograms included), the figures, and the generator file with its config.
+    """
+    from clusterattack.attacks.io import save_generator
+
+    record = report.record()
+    config = report.result.config
+    name = run_name or f"{record['victim']}-{config.gradient_source}-{config.norm}{config.eps:g}-s{config.seed}"
+    tags = {key: str(record[key]) for key in _TAG_KEYS}
+    tags["black_box"] = str(config.black_box)
+    with start_run(experiment, run_name=name, tags=tags) as run:
+        log_params({"victim": record["victim"], "dataset": record["dataset"], **config.flat()})
+        log_metrics({k: v for k, v in record.items() if k not in ("eps", "seed")})
+        for row in report.result.history:
+            log_metrics({f"train.{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        mlflow.log_dict(json.loads(json.dumps(record, default=str)), "record.json")
+        mlflow.log_dict({"history": report.result.history, "source": report.result.source}, "history.json")
+        for key, fig in report.figures.items():
+            mlflow.log_figure(fig, f"figures/{key}.png")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_generator(
+                report.result.generator,
+                config,
+                Path(tmp) / "generator.pt",
+                extra={"victim": record["victim"], "dataset": record["dataset"], "evaluation": report.evaluation},
+            )
+            mlflow.log_artifact(str(path), artifact_path="generator")
+        log.info("logged attack run %s (%s)", run.info.run_id, name)
+        return run.info.run_id
+
+
+def download_generator(run_id: str, dst: str | Path | None = None) -> Path:
+    """Local path of the generator file of attack run ``run_id`` (load it with attacks.io.load_generator)."""
+    configure()
+    out = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=GENERATOR_ARTIFACT, dst_path=None if dst is None else str(dst))
+    return Path(out)

@@ -1,0 +1,403 @@
+"""The frozen, validated configuration of an attack sweep and its presets (tiny, demo, paper)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from clusterattack.attacks.config import AttackConfig, SurrogateConfig
+from clusterattack.tuning.space import DEFAULT_SPACE, ParamSpec, for_norm
+
+__all__ = [
+    "BLACK_BOX_SOURCES",
+    "METRIC",
+    "MODE",
+    "PAPER_DATASETS",
+    "PRESETS",
+    "TIME_ATTRS",
+    "SweepConfig",
+]
+
+PRESETS = ("tiny", "demo", "paper")
+#: ASHA's resource: generator epochs, or image-queries charged by the served victim's ledger.
+TIME_ATTRS = ("epoch", "image_queries")
+#: Trials reach the victim through ``ServedVictim`` only, so only the black-box sources apply.
+BLACK_BOX_SOURCES = ("estimate", "surrogate")
+#: What ASHA and the best-trial choice optimise: post-attack NMI on the fixed test subset.
+METRIC = "nmi_post"
+MODE = "min"
+#: Data sets the ``paper`` preset tries, in the paper's order then the offline ones; those
+#: not present on disk are skipped with a warning (``skip_missing_datasets``).
+PAPER_DATASETS = ("cifar10", "cifar20", "stl10", "fashion_mnist", "mnist5k")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# Fields Tune must not sample: they say which attack this is, not how strong it is.
+_UNTUNABLE = ("gradient_source", "seed", "device", "epochs", "query_batch", "train_limit")
+
+
+def _int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _number(name: str, value: Any, minimum: float, strict: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        raise ValueError(f"{name} must be a finite number {relation} {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything one sweep needs: which victims, which attack, which space, what resources.
+
+    Args:
+        preset_name: the preset it started from ("tiny", "demo", "paper"); recorded, not used.
+        targets: (model, dataset) victims, each swept by its own Tune experiment.
+        space: the tuned AttackConfig fields (see :mod:`clusterattack.tuning.space`).
+        attack: the attack every trial starts from; sampled fields override it. Its
+            ``gradient_source`` (black-box only), ``norm``, ``epochs`` (generator epochs
+            per trial) and ``seed`` hold for the whole sweep.
+        budget: image-queries each trial's API key may spend (the ledger enforces it).
+        num_samples: trials per target.
+        time_attr: ASHA's resource, "epoch" (generator epochs) or "image_queries".
+        max_t: ASHA's largest resource per trial (default: ``attack.epochs`` for epochs,
+            ``budget`` for image-queries); grace_period and reduction_factor as in ASHA.
+        cpus_per_trial, gpus_per_trial: resources each trial asks Ray for; as many trials
+            run at once as the cluster holds, capped by ``max_concurrent`` when set.
+        max_failures: times a failed trial is retried from its latest checkpoint.
+        eval_limit: test images (fixed seeded subset) scored after every epoch.
+        victim_preset, victim_epochs, victim_train_limit: how a victim missing from the
+            registry is trained (``clusterattack.victims`` presets "demo"/"full").
+        data_dir: where data sets are stored as Parquet (``<data_dir>/<dataset>``).
+        storage: Tune's storage path; the sweep's state lives in ``<storage>/<experiment>``.
+        experiment: name of the sweep (MLflow experiment of the parent run, Tune folder).
+        replica_cpus, replica_gpus: resources of each victim's Serve replica.
+        serve_host, serve_port: Serve's HTTP address (the victims answer there as well).
+        object_store_mb: object store size of a Ray started by the sweep itself.
+        register_generators: log and register the best generator per target.
+        skip_missing_datasets: skip targets whose data set is not on disk instead of failing.
+    """
+
+    preset_name: str = "demo"
+    targets: tuple[tuple[str, str], ...] = (("cc", "fashion_mnist"), ("scan", "fashion_mnist"))
+    space: tuple[ParamSpec, ...] = DEFAULT_SPACE
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    budget: int = 100_000
+    num_samples: int = 6
+    time_attr: str = "epoch"
+    max_t: int | None = None
+    grace_period: int = 1
+    reduction_factor: float = 3.0
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    max_failures: int = 2
+    eval_limit: int = 1000
+    victim_preset: str = "demo"
+    victim_epochs: int | None = None
+    victim_train_limit: int | None = None
+    data_dir: str = "data/parquet"
+    storage: str = "runs/sweeps"
+    experiment: str = "sweep"
+    replica_cpus: float = 0.0
+    replica_gpus: float = 0.0
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
+    object_store_mb: int = 512
+    register_generators: bool = True
+    skip_missing_datasets: bool = False
+
+    def __post_init__(self) -> None:
+        from clusterattack.victims.registry import PRESETS as VICTIM_PRESETS
+        from clusterattack.victims.registry import VICTIMS
+
+        if self.preset_name not in PRESETS:
+            raise ValueError(f"preset_name must be one of {PRESETS}, got {self.preset_name!r}")
+        if not isinstance(self.targets, tuple) or not self.targets:
+            raise ValueError(f"targets must be a non-empty tuple of (model, dataset) pairs, got {self.targets!r}")
+        for target in self.targets:
+            if not (isinstance(target, tuple) and len(target) == 2 and all(isinstance(t, str) for t in target)):
+                raise ValueError(f"each target must be a (model, dataset) pair of names, got {target!r}")
+            if target[0] not in VICTIMS:
+                raise ValueError(f"unknown victim model {target[0]!r} in targets, expected one of {sorted(VICTIMS)}")
+            if not re.match(r"^[A-Za-z0-9_.]+$", target[1]):
+                raise ValueError(f"dataset {target[1]!r} must be a registered name (letters, digits, '_', '.')")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets must not repeat, got {self.targets!r}")
+        if not isinstance(self.attack, AttackConfig):
+            raise ValueError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
+        if self.attack.gradient_source not in BLACK_BOX_SOURCES:
+            raise ValueError(
+                f"gradient_source must be a black-box source {BLACK_BOX_SOURCES} (trials see the victim "
+                f"only through its served API), got {self.attack.gradient_source!r}"
+            )
+        self._check_space()
+        _int("budget", self.budget, 1)
+        _int("num_samples", self.num_samples, 1)
+        if self.time_attr not in TIME_ATTRS:
+            raise ValueError(f"time_attr must be one of {TIME_ATTRS}, got {self.time_attr!r}")
+        if self.max_t is not None:
+            _int("max_t", self.max_t, 1)
+            if self.time_attr == "epoch" and self.max_t > self.attack.epochs:
+                raise ValueError(
+                    f"max_t ({self.max_t} epochs) must not exceed the generator epochs per trial "
+                    f"(attack.epochs = {self.attack.epochs})"
+                )
+        _int("grace_period", self.grace_period, 1)
+        if self.grace_period > self.asha_max_t:
+            raise ValueError(f"grace_period ({self.grace_period}) must not exceed max_t ({self.asha_max_t})")
+        _number("reduction_factor", self.reduction_factor, 1.0, strict=True)
+        _number("cpus_per_trial", self.cpus_per_trial, 0.0, strict=True)
+        _number("gpus_per_trial", self.gpus_per_trial, 0.0)
+        if self.gpus_per_trial > 0 and self.attack.device == "cpu":
+            raise ValueError(
+                f"gpus_per_trial={self.gpus_per_trial!r} needs attack.device 'cuda', got 'cpu' "
+                "(the trials would hold a GPU and leave it idle)"
+            )
+        if self.attack.device.startswith("cuda") and self.gpus_per_trial == 0:
+            raise ValueError(
+                f"attack.device {self.attack.device!r} needs gpus_per_trial > 0, got 0 "
+                "(Ray would give the trials no GPU)"
+            )
+        if self.max_concurrent is not None:
+            _int("max_concurrent", self.max_concurrent, 1)
+        _int("max_failures", self.max_failures, 0)
+        _int("eval_limit", self.eval_limit, 2)
+        if self.victim_preset not in VICTIM_PRESETS:
+            raise ValueError(f"victim_preset must be one of {VICTIM_PRESETS}, got {self.victim_preset!r}")
+        if self.victim_epochs is not None:
+            _int("victim_epochs", self.victim_epochs, 0)
+        if self.victim_train_limit is not None:
+            _int("victim_train_limit", self.victim_train_limit, 2)
+        for name in ("data_dir", "storage"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty path or URI, got {getattr(self, name)!r}")
+        if not isinstance(self.experiment, str) or not _NAME.match(self.experiment):
+            raise ValueError(
+                f"experiment must be 1-100 letters, digits, '_', '.' or '-' (it names a folder), "
+                f"got {self.experiment!r}"
+            )
+        _number("replica_cpus", self.replica_cpus, 0.0)
+        _number("replica_gpus", self.replica_gpus, 0.0)
+        _int("serve_port", self.serve_port, 1)
+        if self.serve_port > 65535:
+            raise ValueError(f"serve_port must be a TCP port (1-65535), got {self.serve_port!r}")
+        _int("object_store_mb", self.object_store_mb, 64)
+
+    def _check_space(self) -> None:
+        if not isinstance(self.space, tuple) or not self.space:
+            raise ValueError(f"space must be a non-empty tuple of ParamSpec, got {self.space!r}")
+        known = self.attack.flat()
+        names = [spec.name for spec in self.space]
+        if len(set(names)) != len(names):
+            raise ValueError(f"space names a field twice: {names}")
+        for spec in self.space:
+            if not isinstance(spec, ParamSpec):
+                raise ValueError(f"space entries must be ParamSpec, got {spec!r}")
+            if spec.name not in known:
+                raise ValueError(f"search dimension {spec.name!r} is not an AttackConfig field; known: {sorted(known)}")
+            if spec.name in _UNTUNABLE:
+                raise ValueError(
+                    f"search dimension {spec.name!r} cannot be tuned: it is fixed per sweep "
+                    f"({', '.join(_UNTUNABLE)} are)"
+                )
+            # Every corner of the space must make a valid attack, or trials fail one by one.
+            ends = spec.values if spec.kind == "choice" else (spec.low, spec.high)
+            for value in ends or ():
+                try:
+                    self.attack.override(**{spec.name: value})
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"search dimension {spec.describe()!r} reaches an invalid attack: {err}") from err
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def asha_max_t(self) -> int:
+        """ASHA's ``max_t`` in units of ``time_attr``."""
+        if self.max_t is not None:
+            return self.max_t
+        return self.attack.epochs if self.time_attr == "epoch" else self.budget
+
+    @property
+    def gradient_source(self) -> str:
+        return self.attack.gradient_source
+
+    @property
+    def norm(self) -> str:
+        return self.attack.norm
+
+    @property
+    def seed(self) -> int:
+        return self.attack.seed
+
+    @property
+    def train_pool(self) -> int | None:
+        """Training images each trial receives (None: the whole train split).
+
+        The generator trains on ``attack.train_limit`` of them; a surrogate distils on
+        ``surrogate.distill_queries`` (the larger decides).
+        """
+        if self.attack.train_limit is None:
+            return None
+        if self.attack.gradient_source == "surrogate":
+            return max(self.attack.train_limit, self.attack.surrogate.distill_queries)
+        return self.attack.train_limit
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested values (space as its text form), for MLflow params and the state file."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["targets"] = [list(t) for t in self.targets]
+        out["space"] = [spec.describe() for spec in self.space]
+        out["attack"] = self.attack.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SweepConfig:
+        """Inverse of :meth:`to_dict` (the state file of a sweep being resumed)."""
+        data = dict(values)
+        own = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - own)
+        if unknown:
+            raise ValueError(f"unknown SweepConfig field(s) {unknown}; expected {sorted(own)}")
+        if "targets" in data:
+            data["targets"] = tuple(tuple(t) for t in data["targets"])
+        if "space" in data:
+            data["space"] = tuple(ParamSpec.parse(text) for text in data["space"])
+        if "attack" in data:
+            data["attack"] = AttackConfig.from_dict(data["attack"])
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> SweepConfig:
+        """A validated copy; keys that are AttackConfig fields (dotted ones too) change ``attack``."""
+        return _apply(self, changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> SweepConfig:
+        """The ``tiny``, ``demo`` or ``paper`` sweep with fields overridden.
+
+        Overrides may name SweepConfig fields or AttackConfig fields (``gradient_source``,
+        ``norm``, ``epochs``, ``surrogate.width`` ...), which change ``attack``. The
+        experiment name defaults to ``<preset>-<date>-<time>``.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown sweep preset {name!r}, expected one of {PRESETS}")
+        base = _PRESET_BUILDERS[name]()
+        overrides.setdefault("experiment", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if overrides.get("norm") == "l2" and "space" not in overrides:
+            # The preset's eps range is an L-inf one; keep it only if it was changed on purpose.
+            overrides["space"] = for_norm(base.space, "l2")
+        return _apply(base, overrides)
+
+
+def _apply(config: SweepConfig, changes: Mapping[str, Any]) -> SweepConfig:
+    own = {f.name for f in dataclasses.fields(SweepConfig)}
+    attack_changes = {k: v for k, v in changes.items() if k not in own}
+    plain = {k: v for k, v in changes.items() if k in own}
+    if attack_changes:
+        known = config.attack.flat()
+        unknown = sorted(k for k in attack_changes if k not in known)
+        if unknown:
+            raise ValueError(
+                f"unknown sweep setting(s) {unknown}: expected SweepConfig fields {sorted(own)} "
+                "or AttackConfig fields"
+            )
+        plain["attack"] = plain.get("attack", config.attack).override(**attack_changes)
+    return dataclasses.replace(config, **plain)
+
+
+def _tiny() -> SweepConfig:
+    """Tests: one CC victim on 8x8 digits trained for 1 epoch, 3 trials of up to 3 epochs."""
+    attack = AttackConfig(
+        gradient_source="surrogate",
+        epochs=3,
+        batch_size=64,
+        train_limit=384,
+        eps=0.15,
+        surrogate=SurrogateConfig(distill_queries=384, distill_epochs=3, refresh_rounds=0, width=8, batch_size=128),
+        query_batch=256,
+    )
+    return SweepConfig(
+        preset_name="tiny",
+        targets=(("cc", "digits"),),
+        space=(
+            ParamSpec("alpha_a", "loguniform", 1.0, 50.0),
+            ParamSpec("alpha_c", "loguniform", 0.1, 10.0),
+            ParamSpec("eps", "uniform", 0.1, 0.25),
+        ),
+        attack=attack,
+        budget=20_000,
+        num_samples=3,
+        grace_period=1,
+        reduction_factor=2.0,
+        eval_limit=256,
+        victim_epochs=1,
+        object_store_mb=128,
+    )
+
+
+def _demo() -> SweepConfig:
+    """Fashion-MNIST, CC and SCAN, surrogate gradients; about 15 minutes on 2 CPU cores.
+
+    Sized from a measurement on one busy core: distilling a width-16 surrogate on 4,000
+    queried images takes about 30 s and a generator epoch on 2,000 images 8 to 12 s, so
+    a full trial of 6 epochs costs about 100 s (5,000 image-queries). ASHA (rungs at 2
+    and 6 epochs) stops about two thirds of the 8 trials per victim after 2 epochs.
+    """
+    attack = AttackConfig(
+        gradient_source="surrogate",
+        epochs=6,
+        batch_size=128,
+        train_limit=2_000,
+        eps=0.1,
+        surrogate=SurrogateConfig(
+            distill_queries=4_000, distill_epochs=4, refresh_rounds=1, refresh_queries=1_000, width=16
+        ),
+    )
+    return SweepConfig(
+        preset_name="demo",
+        targets=(("cc", "fashion_mnist"), ("scan", "fashion_mnist")),
+        attack=attack,
+        budget=20_000,
+        num_samples=8,
+        grace_period=2,
+        reduction_factor=3.0,
+        eval_limit=1_000,
+    )
+
+
+def _paper() -> SweepConfig:
+    """All six victims on every data set present, GPU trials, the authors' epochs and batch."""
+    from clusterattack.victims.registry import VICTIMS
+
+    attack = AttackConfig(
+        gradient_source="surrogate",
+        epochs=120,
+        batch_size=128,
+        lr_milestones=(50, 80),
+        device="cuda",
+        surrogate=SurrogateConfig(ensemble=2),
+    )
+    return SweepConfig(
+        preset_name="paper",
+        targets=tuple((m, d) for d in PAPER_DATASETS for m in VICTIMS),
+        attack=attack,
+        budget=5_000_000,
+        num_samples=32,
+        grace_period=10,
+        reduction_factor=3.0,
+        cpus_per_trial=4.0,
+        gpus_per_trial=1.0,
+        eval_limit=10_000,
+        victim_preset="full",
+        replica_cpus=1.0,
+        replica_gpus=0.25,
+        object_store_mb=4096,
+        skip_missing_datasets=True,
+    )
+
+
+_PRESET_BUILDERS = {"tiny": _tiny, "demo": _demo, "paper": _paper}

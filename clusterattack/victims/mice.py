@@ -1,0 +1,269 @@
+"""MiCE: Mixture of Contrastive Experts (Tsai et al., ICLR 2021), trained EM-style.
+
+A gating network maps an image to an embedding g(x) on the sphere and scores it against
+fixed, maximally separated gating prototypes omega_k: pi_k(x) = softmax_k(omega_k . g / kappa)
+is the prior over the K clusters. Each cluster has an expert: an embedding f_k(x) trained
+by instance discrimination against keys v_k from a momentum (EMA) teacher, with an expert
+prototype mu_k in the positive logit: phi_k = softmax over (f_k . v_k + v_k . mu_k) / tau
+against a queue of negatives. E-step: posterior q(k | x) ~ pi_k * phi_k(positive).
+M-step: minimise the negative ELBO  -sum_k q_k (log pi_k + log phi_k - log q_k) by SGD,
+and set mu_k to the normalised sum of the teacher keys assigned to k (closed form, each
+epoch). The victim's memberships are the posterior with the image's own embedding as key:
+softmax_k(log pi_k + f_k . mu_k / tau), differentiable end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from clusterattack.victims.augment import STRONG, AugmentConfig, augment
+from clusterattack.victims.backbones import Backbone, BackboneConfig, check_model_config, mlp
+from clusterattack.victims.base import ClusteringModel
+from clusterattack.victims.pretext import PretextRecipe
+from clusterattack.victims.scan import init_from_pretext, scan_fingerprint
+from clusterattack.victims.training import (
+    MeanMeter,
+    Stage,
+    TrainContext,
+    TrainData,
+    TrainOutcome,
+    batches,
+    run_stages,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MiCEConfig:
+    """Architecture: backbone, embedding size, temperatures tau (experts) and kappa (gating)."""
+
+    num_clusters: int
+    input_shape: tuple[int, int, int]
+    backbone: BackboneConfig
+    embed_dim: int = 128
+    tau: float = 0.2
+    kappa: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_model_config("mice", self.num_clusters, self.input_shape, self.backbone)
+        if self.embed_dim < self.num_clusters:
+            # The fixed gating prototypes form a regular simplex, which needs K <= D.
+            raise ValueError(
+                f"mice: embed_dim ({self.embed_dim}) must be >= num_clusters ({self.num_clusters})"
+            )
+        if self.tau <= 0 or self.kappa <= 0:
+            raise ValueError(f"mice: tau and kappa must be positive, got {self.tau}, {self.kappa}")
+
+
+def simplex_prototypes(k: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """K unit vectors in R^dim with pairwise cosine -1/(K-1): MiCE's max-Mahalanobis gating centres."""
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, k, generator=gen))
+    vertices = basis.t() - basis.t().mean(0, keepdim=True)
+    return F.normalize(vertices, dim=1)
+
+
+class MiCE(ClusteringModel):
+    """Backbone -> gating embedding g and K expert embeddings f_k; buffers omega (fixed) and mu."""
+
+    name = "mice"
+
+    def __init__(self, config: MiCEConfig) -> None:
+        super().__init__(config, config.num_clusters, config.input_shape)
+        self.backbone = Backbone(config.backbone)
+        d, k, e = self.backbone.out_dim, config.num_clusters, config.embed_dim
+        self.gate = mlp(d, d, e)
+        self.experts = mlp(d, d, k * e)
+        self.register_buffer("gating_prototypes", simplex_prototypes(k, e))
+        self.register_buffer("expert_prototypes", F.normalize(torch.randn(k, e), dim=1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def embed(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features -> (gating logits N x K, expert embeddings N x K x D, normalised)."""
+        cfg = self.config
+        g = F.normalize(self.gate(h), dim=1)
+        gating_logits = g @ self.gating_prototypes.t() / cfg.kappa
+        f = F.normalize(self.experts(h).view(h.shape[0], cfg.num_clusters, cfg.embed_dim), dim=2)
+        return gating_logits, f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gating_logits, f = self.embed(self.backbone(x))
+        expert_fit = torch.einsum("nkd,kd->nk", f, self.expert_prototypes) / self.config.tau
+        return torch.log_softmax(gating_logits, dim=1) + expert_fit
+
+
+@dataclass(frozen=True)
+class MiCERecipe:
+    """MiCE's recipe: SGD on the ELBO, EMA teacher (momentum ``ema``), a queue of ``queue_size`` keys.
+
+    ``init_from_pretext`` starts the backbone from the shared SimCLR pretext: the demo's
+    CPU budget has no room for MiCE's own 1,000 epochs from scratch (``full`` trains
+    from scratch as the paper does).
+    """
+
+    pretext: PretextRecipe = field(default_factory=PretextRecipe)
+    init_from_pretext: bool = True
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    ema: float = 0.99
+    queue_size: int = 2048
+    view: AugmentConfig = STRONG
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 2 or self.lr <= 0 or not 0 <= self.ema < 1:
+            raise ValueError(
+                f"mice recipe needs epochs >= 0, batch_size >= 2, lr > 0, 0 <= ema < 1; got {self}"
+            )
+        if self.queue_size < self.batch_size:
+            raise ValueError(
+                f"queue_size ({self.queue_size}) must be >= batch_size ({self.batch_size})"
+            )
+
+    @classmethod
+    def preset(cls, name: str) -> MiCERecipe:
+        if name == "demo":
+            return cls()
+        if name == "full":
+            return cls(init_from_pretext=False, epochs=1000, lr=1.0, ema=0.999, queue_size=16384)
+        raise ValueError(f"unknown preset {name!r}, expected 'demo' or 'full'")
+
+
+def mice_elbo(
+    gating_logits: torch.Tensor,
+    f: torch.Tensor,
+    v: torch.Tensor,
+    mu: torch.Tensor,
+    queue: torch.Tensor,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negative ELBO of MiCE and the posterior q(k | x) (N x K, no gradient).
+
+    f, v: N x K x D student embeddings and teacher keys; mu: K x D expert prototypes;
+    queue: Q x K x D negative keys.
+    """
+    log_pi = torch.log_softmax(gating_logits, dim=1)
+    pos = (torch.einsum("nkd,nkd->nk", f, v) + torch.einsum("nkd,kd->nk", v, mu)).unsqueeze(2)
+    neg = torch.einsum("nkd,qkd->nkq", f, queue) + torch.einsum("qkd,kd->kq", queue, mu).unsqueeze(
+        0
+    )
+    log_phi = torch.log_softmax(torch.cat([pos, neg], dim=2) / tau, dim=2)[:, :, 0]  # N x K
+    with torch.no_grad():
+        posterior = torch.softmax(log_pi + log_phi, dim=1)
+    loss = -(posterior * (log_pi + log_phi - torch.log(posterior.clamp_min(1e-12)))).sum(1).mean()
+    return loss, posterior
+
+
+class MiCEStage(Stage):
+    """EM epochs: E-step posteriors and SGD M-step per batch, closed-form mu update per epoch."""
+
+    name = "mice"
+
+    def __init__(self, recipe: MiCERecipe) -> None:
+        super().__init__(recipe.epochs)
+        self.recipe = recipe
+        self.teacher: MiCE | None = None
+        self.queue: torch.Tensor | None = None
+        self.queue_pos = 0
+
+    def start(self, model, data, ctx, state):
+        r = self.recipe
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay
+        )
+        self.teacher = copy.deepcopy(model).to(ctx.device)
+        self.teacher.requires_grad_(False)
+        if not self.restore(state):
+            self.queue = self._initial_queue(data, ctx)
+
+    @torch.no_grad()
+    def _initial_queue(self, data: TrainData, ctx: TrainContext) -> torch.Tensor:
+        """Teacher keys of random training views: a queue of random vectors would make the first
+        epoch's negatives trivially easy and its loss incomparable with the later ones."""
+        r = self.recipe
+        idx = torch.randint(0, data.num_train, (r.queue_size,))
+        keys = []
+        for chunk in idx.split(ctx.eval_batch_size):
+            _, v = self.teacher.embed(
+                self.teacher.backbone(augment(data.batch(chunk, ctx.device), r.view))
+            )
+            keys.append(v)
+        return torch.cat(keys)
+
+    def extra_state(self):
+        return {
+            "teacher": self.teacher.state_dict(),
+            "queue": self.queue,
+            "queue_pos": self.queue_pos,
+        }
+
+    def load_extra_state(self, state):
+        self.teacher.load_state_dict(state["teacher"])
+        self.queue, self.queue_pos = state["queue"], state["queue_pos"]
+
+    @torch.no_grad()
+    def _momentum_update(self, model: MiCE) -> None:
+        m = self.recipe.ema
+        for t, s in zip(self.teacher.parameters(), model.parameters(), strict=True):
+            t.mul_(m).add_(s.detach(), alpha=1 - m)
+        for t, s in zip(self.teacher.buffers(), model.buffers(), strict=True):
+            t.copy_(s)
+
+    def run_epoch(self, model, data, ctx, epoch):
+        r = self.recipe
+        cfg = model.config
+        meter = MeanMeter()
+        centre_sum = torch.zeros(cfg.num_clusters, cfg.embed_dim, device=ctx.device)
+        for idx in batches(data.num_train, r.batch_size, f"mice {epoch + 1}/{r.epochs}", ctx):
+            x = data.batch(idx, ctx.device)
+            with torch.no_grad():
+                _, v = self.teacher.embed(self.teacher.backbone(augment(x, r.view)))
+            # One student pass feeds both the gate and the experts (MiCE uses a third view for
+            # the gate; sharing it saves a third of the compute on a CPU budget).
+            gating_logits, f = model.embed(model.backbone(augment(x, r.view)))
+            loss, posterior = mice_elbo(
+                gating_logits, f, v, model.expert_prototypes, self.queue, cfg.tau
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self._momentum_update(model)
+            with torch.no_grad():
+                n = v.shape[0]
+                pos = (torch.arange(n, device=ctx.device) + self.queue_pos) % r.queue_size
+                self.queue[pos] = v
+                self.queue_pos = int((self.queue_pos + n) % r.queue_size)
+                hard = F.one_hot(posterior.argmax(1), cfg.num_clusters).float()
+                centre_sum += torch.einsum("nk,nkd->kd", hard, v)
+            meter.add(
+                loss=loss.detach(), clusters_in_batch=float(posterior.argmax(1).unique().numel())
+            )
+        with torch.no_grad():
+            # Closed-form M-step for the expert prototypes (MiCE Eq. 13); empty experts keep theirs.
+            used = centre_sum.norm(dim=1) > 0
+            model.expert_prototypes[used] = F.normalize(centre_sum[used], dim=1)
+        return meter.means()
+
+
+def train_mice(model: MiCE, data: TrainData, recipe: MiCERecipe, ctx: TrainContext) -> TrainOutcome:
+    """(Optionally) shared pretext backbone -> MiCE EM epochs."""
+    info = init_from_pretext(model, recipe.pretext, data, ctx) if recipe.init_from_pretext else {}
+    history = run_stages(
+        model,
+        [MiCEStage(recipe)],
+        data,
+        ctx,
+        scan_fingerprint(model, data, recipe, ctx.seed),
+        tag="mice",
+    )
+    return TrainOutcome(history, info)

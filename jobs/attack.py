@@ -1,0 +1,188 @@
+"""Run one generator attack on one victim (local or served) and print its evaluation row.
+
+Examples:
+    python jobs/attack.py --victim victim-cc-fashion_mnist --dataset fashion_mnist \
+        --gradient-source surrogate --norm linf --eps 0.1 --out runs/cc-surrogate
+    python jobs/attack.py --victim http://127.0.0.1:8000/cc --api-key KEY \
+        --dataset fashion_mnist --gradient-source estimate --eps 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clusterattack.attacks import AttackConfig, CountingVictim, run_attack
+from clusterattack.attacks.config import ATTACK_LOSSES, GAN_LOSSES, GRADIENT_SOURCES, NORMS
+from clusterattack.attacks.io import save_generator
+
+log = logging.getLogger("jobs.attack")
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)  # numbers, booleans, lists
+    except ValueError:
+        return key, value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--victim",
+        required=True,
+        help="registered name (victim-cc-fashion_mnist or cc/fashion_mnist), models:/ or runs:/ URI, "
+        "victim file, or http(s)://host:port/<app> of a served victim (with --api-key)",
+    )
+    p.add_argument("--api-key", default=None, help="attacker key of a served victim")
+    p.add_argument("--eval-api-key", default=None, help="separate key for scoring a served victim after training")
+    p.add_argument("--dataset", required=True, help="data set the victim was trained on, e.g. fashion_mnist")
+    p.add_argument("--gradient-source", choices=GRADIENT_SOURCES, default="surrogate")
+    p.add_argument("--norm", choices=NORMS, default="linf")
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--alpha-a", type=float, default=None, help="weight of the attack term (alpha_a)")
+    p.add_argument("--alpha-c", type=float, default=None, help="weight of the norm constraint (alpha_c)")
+    p.add_argument("--attack-loss", choices=ATTACK_LOSSES, default=None)
+    p.add_argument("--gan-loss", choices=GAN_LOSSES, default=None)
+    p.add_argument("--target-cluster", type=int, default=None, help="targeted variant: pull towards this cluster")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--train-limit", type=int, default=None, help="training images the generator sees")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any AttackConfig field, repeatable: --set estimator.samples=4 --set surrogate.ensemble=2",
+    )
+    p.add_argument("--budget", type=int, default=None, help="image-query budget for a local victim")
+    p.add_argument("--eval-limit", type=int, default=None, help="test images to evaluate on (default: all)")
+    p.add_argument("--out", default=None, help="folder for record.json, figures and generator.pt")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
+    p.add_argument("--experiment", default="attacks", help="MLflow experiment name")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> AttackConfig:
+    """The AttackConfig the flags describe (validated)."""
+    changes: dict[str, Any] = {
+        "gradient_source": args.gradient_source,
+        "norm": args.norm,
+        "eps": args.eps,
+        "seed": args.seed,
+        "device": args.device,
+    }
+    for flag, field in (
+        ("alpha_a", "alpha_a"),
+        ("alpha_c", "alpha_c"),
+        ("attack_loss", "attack_loss"),
+        ("gan_loss", "gan_loss"),
+        ("target_cluster", "target_cluster"),
+        ("epochs", "epochs"),
+        ("train_limit", "train_limit"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[field] = value
+    changes.update(dict(args.overrides))
+    if "lr_milestones" in changes:
+        changes["lr_milestones"] = tuple(changes["lr_milestones"])
+    return AttackConfig().override(**changes)
+
+
+def open_victims(args: argparse.Namespace):
+    """(attacked victim, scoring victim or None, display name) for the ``--victim`` source.
+
+    A URL gives ServedVictim clients (the server counts and enforces the budget; scoring
+    uses ``--eval-api-key`` when given). A local model has no counter, so it is wrapped
+    in CountingVictim, which counts and enforces ``--budget`` as a server would; scoring
+    then goes through a second, unbudgeted wrapper since it is not the attacker's spend.
+    """
+    source = args.victim
+    if source.startswith(("http://", "https://")):
+        from clusterattack.serving import ServedVictim
+
+        if not args.api_key:
+            raise ValueError(f"--api-key is required for the served victim {source}")
+        victim = ServedVictim(source, args.api_key, device="cpu")
+        scorer = ServedVictim(source, args.eval_api_key, device="cpu") if args.eval_api_key else None
+        return victim, scorer, getattr(victim, "name", source.rstrip("/").rsplit("/", 1)[-1])
+    from clusterattack.victims.io import load_victim
+
+    model = load_victim(source, device=args.device)
+    name = getattr(model, "name", "") or Path(source).stem
+    if args.gradient_source == "whitebox":
+        # The wrapper passes autograd through untouched; frozen weights gather no gradient.
+        model.requires_grad_(False)
+    scorer = CountingVictim(model) if args.budget is not None else None
+    return CountingVictim(model, budget=args.budget), scorer, name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = build_config(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from clusterattack.data import load_dataset
+
+    data = load_dataset(args.dataset)
+    train_x, _ = data.subset("train").as_float()
+    test = data.subset("test", limit=args.eval_limit, seed=args.seed)
+    test_x, test_y = test.as_float()
+
+    try:
+        victim, eval_victim, victim_name = open_victims(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    report = run_attack(
+        victim,
+        train_x,
+        test_x,
+        test_y,
+        config,
+        victim_name=victim_name,
+        dataset=args.dataset,
+        eval_victim=eval_victim,
+        class_names=data.class_names,
+        progress=not args.quiet,
+    )
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "record.json").write_text(json.dumps(report.record(), indent=2, default=str))
+        (out / "history.json").write_text(json.dumps(report.result.history, indent=2))
+        for key, fig in report.figures.items():
+            fig.savefig(out / f"{key}.png", dpi=110)
+        save_generator(report.result.generator, config, out / "generator.pt", extra={"victim": victim_name})
+    if not args.no_mlflow:
+        from clusterattack.tracking.attacks import log_attack_report
+
+        run_id = log_attack_report(report, experiment=args.experiment)
+        log.info("MLflow run %s", run_id)
+    print(report.table_row())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

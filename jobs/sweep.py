@@ -1,0 +1,199 @@
+"""The main job: sweep the generator attack's hyper-parameters with Ray Tune (ASHA) against served victims.
+
+    python jobs/sweep.py --preset demo                      # Fashion-MNIST, CC and SCAN, ~15 min on 2 cores
+    python jobs/sweep.py --preset tiny --storage /tmp/sw    # digits 8x8, a minute or two (tests)
+    python jobs/sweep.py --preset paper                     # all six victims, every data set present, GPUs
+    python jobs/sweep.py --resume                           # continue the latest interrupted sweep
+    ray job submit --working-dir . \
+        --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow-host:5000"}}' \
+        -- python jobs/sweep.py --preset paper --storage s3://bucket/sweeps
+
+For each (model, dataset) it ingests the data set (or reuses it), loads the registered
+victim (or trains and registers it), serves it on Ray Serve with a query budget per
+trial, and runs ASHA over alpha_a, alpha_c and eps; each trial attacks the served victim
+in a black-box gradient mode. MLflow gets one parent run per sweep, one child run per
+trial, the best generator per target (registered as generator-<model>-<dataset>) and the
+summary tables (Table 1: pre/post NMI, ARI, ACC; Table 2: query complexity). With
+RAY_ADDRESS set (as under `ray job submit`) it joins that cluster; otherwise it starts a
+local Ray. MLFLOW_TRACKING_URI selects the MLflow store (default: sqlite:///mlruns/mlflow.db
+in the working directory, which under `ray job submit` is a temporary copy: give the job a
+tracking server, and a --storage every node sees, such as s3://, to keep what it writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # trials log per epoch; bars would interleave
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from clusterattack.attacks.config import NORMS
+    from clusterattack.tuning.config import BLACK_BOX_SOURCES, PRESETS, TIME_ATTRS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="demo", help="sweep size (default: demo)")
+    p.add_argument("--models", default=None, help="comma-separated victims, e.g. cc,scan,spice (default: the preset's)")
+    p.add_argument("--datasets", default=None, help="comma-separated data sets, e.g. fashion_mnist (default: the preset's)")
+    p.add_argument("--gradient-source", choices=BLACK_BOX_SOURCES, default=None, help="black-box gradient of the attack term")
+    p.add_argument("--norm", choices=NORMS, default=None, help="perturbation norm (the eps dimension follows it)")
+    p.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="NAME=KIND:ARGS",
+        help="add or replace a search dimension, repeatable: alpha_a=loguniform:1:50, eps=uniform:0.05:0.2, "
+        "eps=choice:0.05,0.1",
+    )
+    p.add_argument("--num-samples", type=int, default=None, help="trials per target")
+    p.add_argument("--epochs", type=int, default=None, help="generator epochs per trial (ASHA's max_t in epochs)")
+    p.add_argument("--budget", type=int, default=None, help="image-query budget of each trial's API key")
+    p.add_argument("--time-attr", choices=TIME_ATTRS, default=None, help="ASHA resource (default: epoch)")
+    p.add_argument("--grace-period", type=int, default=None, help="ASHA grace period in --time-attr units")
+    p.add_argument("--reduction-factor", type=float, default=None, help="ASHA reduction factor")
+    p.add_argument("--cpus-per-trial", type=float, default=None)
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="> 0 runs the attack on CUDA")
+    p.add_argument("--max-concurrent", type=int, default=None, help="cap on trials at once (default: what fits)")
+    p.add_argument("--max-failures", type=int, default=None, help="retries of a failed trial from its checkpoint")
+    p.add_argument("--storage", default=None, help="Tune storage path or URI (default: runs/sweeps)")
+    p.add_argument("--experiment", default=None, help="sweep name (default: <preset>-<date>-<time>)")
+    p.add_argument("--data-dir", default=None, help="where data sets are stored as Parquet (default: data/parquet)")
+    p.add_argument("--serve-port", type=int, default=None, help="Ray Serve HTTP port (default: 8000)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (latest one, or --experiment)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--quiet", action="store_true", help="warnings only")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """The SweepConfig the flags describe (validated); targets are models x datasets."""
+    from clusterattack.tuning.config import SweepConfig
+    from clusterattack.tuning.space import parse_space
+
+    base = SweepConfig.preset(args.preset)
+    changes: dict[str, Any] = {}
+    if args.models or args.datasets:
+        models = args.models.split(",") if args.models else sorted({m for m, _ in base.targets})
+        datasets = args.datasets.split(",") if args.datasets else sorted({d for _, d in base.targets})
+        changes["targets"] = tuple((m.strip(), d.strip()) for d in datasets for m in models)
+    if args.space:
+        changes["space"] = parse_space(args.space, base.space)
+    for flag, name in (
+        ("gradient_source", "gradient_source"),
+        ("norm", "norm"),
+        ("num_samples", "num_samples"),
+        ("epochs", "epochs"),
+        ("budget", "budget"),
+        ("time_attr", "time_attr"),
+        ("grace_period", "grace_period"),
+        ("reduction_factor", "reduction_factor"),
+        ("cpus_per_trial", "cpus_per_trial"),
+        ("gpus_per_trial", "gpus_per_trial"),
+        ("max_concurrent", "max_concurrent"),
+        ("max_failures", "max_failures"),
+        ("storage", "storage"),
+        ("experiment", "experiment"),
+        ("data_dir", "data_dir"),
+        ("serve_port", "serve_port"),
+        ("seed", "seed"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[name] = value
+    if args.gpus_per_trial is not None:
+        changes["device"] = "cuda" if args.gpus_per_trial > 0 else "cpu"
+        if args.gpus_per_trial == 0:
+            changes["replica_gpus"] = 0.0  # a CPU cluster: the victims are served on CPUs too
+    if args.epochs is not None and "grace_period" not in changes and base.time_attr == "epoch":
+        changes["grace_period"] = min(base.grace_period, args.epochs)
+    return SweepConfig.preset(args.preset, **changes)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
+    print(f"\n{title}")
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def report(outcome: Any) -> None:
+    """Print the tables and where to look."""
+    from clusterattack.tracking import ui_command
+
+    print(f"\nsweep {outcome.config.experiment}: {outcome.wall_s:.0f} s, MLflow parent run {outcome.parent_run_id}")
+    if outcome.interrupted:
+        print(f"interrupted: continue with  python jobs/sweep.py --resume --experiment {outcome.config.experiment} "
+              f"--storage {outcome.config.storage}")
+        return
+    print_table(
+        outcome.table1,
+        ["model", "dataset", "gradient_source", "norm", "eps", "alpha_a", "alpha_c",
+         "nmi_pre", "nmi_post", "ari_pre", "ari_post", "acc_pre", "acc_post", "nmi_drop"],
+        "Table 1: clustering before -> after the attack (best trial per victim, test subset)",
+    )  # fmt: skip
+    print_table(
+        outcome.table2,
+        ["model", "dataset", "image_queries", "calls", "calls_256", "converged_epoch",
+         "calls_256_at_convergence", "budget", "sweep_trials", "sweep_generator_epochs", "sweep_image_queries"],
+        "Table 2: query complexity (best trial; calls_256 = image-queries / 256, the paper's unit)",
+    )  # fmt: skip
+    if outcome.skipped:
+        print(f"\nskipped (data set not present): {', '.join(outcome.skipped)}")
+    print("\nregistered generators: " + (", ".join(outcome.generators.values()) or "none"))
+    for name, paths in outcome.tables.items():
+        print(f"{name}: {paths['csv']}  {paths['parquet']}")
+    print(f"sweep state and Tune results: {outcome.state_dir}")
+    print(f"MLflow UI: {ui_command(outcome.tracking_uri)}   (experiment 'sweeps', run {outcome.config.experiment})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from clusterattack.tuning.config import SweepConfig
+    from clusterattack.tuning.sweep import find_resumable, run_sweep
+
+    try:
+        if args.resume:
+            storage = args.storage or SweepConfig().storage
+            experiment = args.experiment or find_resumable(storage)
+            config = SweepConfig.preset(args.preset, storage=storage, experiment=experiment)
+        else:
+            config = build_config(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        outcome = run_sweep(config, resume=args.resume, ray_address=args.ray_address)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Interrupted outside Tune (data, victim training, deployment): the state is saved.
+        print(f"\ninterrupted: continue with  python jobs/sweep.py --resume --experiment {config.experiment} "
+              f"--storage {config.storage}", file=sys.stderr)
+        return 130
+    report(outcome)
+    return 130 if outcome.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""AttackConfig: bad values rejected with the value named, round trips, overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from clusterattack.attacks import AttackConfig, EstimatorConfig, SurrogateConfig
+
+BAD = [
+    ({"norm": "l1"}, "norm"),
+    ({"eps": 0.0}, "eps"),
+    ({"eps": -0.1}, "eps"),
+    ({"eps": float("nan")}, "eps"),
+    ({"eps": 1.5}, "eps"),
+    ({"attack_loss": "kl"}, "attack_loss"),
+    ({"gan_loss": "wgan"}, "gan_loss"),
+    ({"gradient_source": "oracle"}, "gradient_source"),
+    ({"alpha_a": -1.0}, "alpha_a"),
+    ({"alpha_c": -1.0}, "alpha_c"),
+    ({"target_cluster": -1}, "target_cluster"),
+    ({"epochs": 0}, "epochs"),
+    ({"batch_size": 1}, "batch_size"),
+    ({"lr": 0.0}, "lr"),
+    ({"lr_milestones": (0,)}, "lr_milestones"),
+    ({"train_limit": 1}, "train_limit"),
+    ({"seed": 1.5}, "seed"),
+    ({"device": ""}, "device"),
+    ({"mi_temperature": 0.0}, "mi_temperature"),
+]
+
+
+@pytest.mark.parametrize(("changes", "name"), BAD)
+def test_bad_attack_config_is_rejected_naming_the_field(changes, name):
+    with pytest.raises(ValueError, match=name):
+        AttackConfig(**changes)
+
+
+@pytest.mark.parametrize(
+    ("cls", "changes", "name"),
+    [
+        (EstimatorConfig, {"method": "fd"}, "method"),
+        (EstimatorConfig, {"samples": 0}, "samples"),
+        (EstimatorConfig, {"sigma": 0.0}, "sigma"),
+        (EstimatorConfig, {"resolution": 0.0}, "resolution"),
+        (EstimatorConfig, {"resolution": 1.5}, "resolution"),
+        (SurrogateConfig, {"distill_queries": 0}, "distill_queries"),
+        (SurrogateConfig, {"refresh_rounds": -1}, "refresh_rounds"),
+        (SurrogateConfig, {"ensemble": 0}, "ensemble"),
+        (SurrogateConfig, {"loss": "mse"}, "loss"),
+    ],
+)
+def test_bad_nested_config_is_rejected(cls, changes, name):
+    with pytest.raises(ValueError, match=name):
+        cls(**changes)
+
+
+def test_l2_eps_may_exceed_one():
+    assert AttackConfig(norm="l2", eps=2.0).eps == 2.0
+
+
+def test_config_round_trips_through_dict_and_flat_form():
+    cfg = AttackConfig(eps=0.05, lr_milestones=(5, 8)).override(**{"estimator.samples": 7})
+    assert AttackConfig.from_dict(cfg.to_dict()) == cfg
+    assert AttackConfig.from_dict(cfg.flat()) == cfg
+    assert cfg.flat()["estimator.samples"] == 7
+
+
+def test_override_validates_and_rejects_unknown_keys():
+    cfg = AttackConfig()
+    assert cfg.override(eps=0.2, **{"surrogate.ensemble": 3}).surrogate.ensemble == 3
+    with pytest.raises(ValueError, match="unknown attack config key 'epsilon'"):
+        cfg.override(epsilon=0.2)
+    with pytest.raises(ValueError, match="eps"):
+        cfg.override(eps=-1.0)
+    with pytest.raises(ValueError, match="unknown attack config key"):
+        AttackConfig.from_dict({"bogus": 1})
+
+
+def test_query_cost_helpers():
+    assert EstimatorConfig(samples=4).queries_per_image() == 9
+    sur = SurrogateConfig(distill_queries=1000, noise_queries=500, refresh_rounds=2, refresh_queries=100)
+    assert sur.total_queries() == 1700
+    assert AttackConfig(gradient_source="whitebox").black_box is False
+    assert AttackConfig(gradient_source="estimate").black_box is True

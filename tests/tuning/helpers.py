@@ -1,0 +1,118 @@
+"""Helpers of the sweep tests: a Ray head node of our own, the sweep CLI as a subprocess, store queries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def sweep_env(tmp: Path) -> dict[str, str]:
+    """Environment of a sweep subprocess: a private MLflow store, no Ray auth, no inherited cluster."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
+        MLFLOW_REGISTRY_URI=f"sqlite:///{tmp / 'mlflow.db'}",
+        CLUSTERATTACK_ARTIFACT_ROOT=str(tmp / "mlartifacts"),
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        TQDM_DISABLE="1",
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+def sweep_args(tmp: Path, experiment: str, *extra: str) -> list[str]:
+    """Arguments of ``jobs/sweep.py`` for a tiny sweep whose files all live under ``tmp``."""
+    return [
+        "jobs/sweep.py", "--preset", "tiny", "--storage", str(tmp / "sweeps"), "--data-dir", str(tmp / "data"),
+        "--experiment", experiment, "--serve-port", str(free_port()), *extra,
+    ]  # fmt: skip
+
+
+class LocalHead:
+    """``ray start --head --block`` on loopback, owned by the test and stopped by it.
+
+    ``ray stop`` would stop every Ray instance on the machine (other tests', other users');
+    a SIGTERM to the blocking ``ray start`` stops exactly the processes it started.
+    """
+
+    def __init__(self, tmp: Path, env: dict[str, str], num_cpus: int = 2) -> None:
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.env = env
+        self.log = tmp / "ray-head.log"
+        # Unix socket paths must stay short: a temp dir of our own, off the test's tmp path.
+        self.temp_dir = f"/tmp/ca-ray-{self.port}"
+        self.command = [
+            str(VENV_BIN / "ray"), "start", "--head", "--block",
+            "--port", str(self.port), "--node-ip-address", "127.0.0.1",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+            "--include-dashboard", "true", "--num-cpus", str(num_cpus),
+            "--object-store-memory", str(200 * 1024 * 1024), "--temp-dir", self.temp_dir,
+            "--disable-usage-stats",
+        ]  # fmt: skip
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def __enter__(self) -> LocalHead:
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if requests.get(f"{self.dashboard_url}/api/version", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.__exit__(None, None, None)
+        raise TimeoutError(f"the Ray head did not answer on {self.dashboard_url} within 180 s")
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            # Only what this head started: its own session's process group.
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+def mlflow_client(tmp: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def sweep_runs(client, experiment: str) -> tuple[object, list]:
+    """(parent run, child runs) of sweep ``experiment`` in the store."""
+    from clusterattack.tracking.sweeps import PARENT_TAG, SWEEP_EXPERIMENT
+
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags and r.info.run_name == experiment]
+    assert len(parents) == 1, f"expected one parent run named {experiment}, found {len(parents)}"
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parents[0].info.run_id]
+    return parents[0], children

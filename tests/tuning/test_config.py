@@ -1,0 +1,151 @@
+"""SweepConfig and search spaces: presets build, bad values are rejected by name, defaults near the authors'."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from clusterattack.attacks.config import AttackConfig
+from clusterattack.tuning.config import SweepConfig
+from clusterattack.tuning.space import (
+    DEFAULT_SPACE,
+    ParamSpec,
+    grid_configs,
+    parse_space,
+    tune_space,
+)
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "paper"])
+def test_presets_build_and_round_trip_through_the_state_file_form(name):
+    config = SweepConfig.preset(name, experiment="x")
+    assert config.preset_name == name
+    assert SweepConfig.from_dict(config.to_dict()) == config
+    assert config.gradient_source in ("estimate", "surrogate")
+
+
+def test_presets_cover_what_each_is_for():
+    from clusterattack.victims.registry import VICTIMS
+
+    tiny, demo, paper = (SweepConfig.preset(n) for n in ("tiny", "demo", "paper"))
+    assert tiny.targets == (("cc", "digits"),) and tiny.victim_epochs == 1 and tiny.attack.epochs <= 3
+    assert {d for _, d in demo.targets} == {"fashion_mnist"} and 2 <= len(demo.targets) <= 3
+    assert {m for m, _ in paper.targets} == set(VICTIMS)
+    assert paper.gpus_per_trial > 0 and paper.attack.device == "cuda" and paper.skip_missing_datasets
+    assert tiny.experiment.startswith("tiny-")
+
+
+def test_overrides_reach_the_attack_config():
+    config = SweepConfig.preset("tiny", gradient_source="estimate", norm="l2", epochs=2, **{"estimator.samples": 2})
+    assert config.attack.gradient_source == "estimate"
+    assert config.attack.norm == "l2" and config.attack.epochs == 2
+    assert config.attack.estimator.samples == 2
+    assert config.asha_max_t == 2
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"targets": ()}, "targets"),
+        ({"targets": (("nope", "digits"),)}, "nope"),
+        ({"targets": (("cc", "digits"), ("cc", "digits"))}, "repeat"),
+        ({"gradient_source": "whitebox"}, "whitebox"),
+        ({"budget": 0}, "budget"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"time_attr": "seconds"}, "seconds"),
+        ({"max_t": 10}, "max_t"),
+        ({"grace_period": 7}, "grace_period"),
+        ({"reduction_factor": 1.0}, "reduction_factor"),
+        ({"cpus_per_trial": 0}, "cpus_per_trial"),
+        ({"gpus_per_trial": -1}, "gpus_per_trial"),
+        ({"gpus_per_trial": 1.0}, "gpus_per_trial"),
+        ({"device": "cuda"}, "gpus_per_trial"),
+        ({"max_concurrent": 0}, "max_concurrent"),
+        ({"max_failures": -1}, "max_failures"),
+        ({"eval_limit": 1}, "eval_limit"),
+        ({"victim_preset": "huge"}, "huge"),
+        ({"experiment": "a b/c"}, "a b/c"),
+        ({"serve_port": 70000}, "70000"),
+        ({"storage": ""}, "storage"),
+        ({"no_such_setting": 1}, "no_such_setting"),
+        ({"space": (ParamSpec("not_a_field", "uniform", 0.0, 1.0),)}, "not_a_field"),
+        ({"space": (ParamSpec("seed", "choice", values=(0, 1)),)}, "seed"),
+        ({"space": (ParamSpec("eps", "uniform", 0.1, 1.5),)}, "eps"),
+        ({"space": ()}, "space"),
+    ],
+)
+def test_bad_values_are_rejected_naming_them(changes, named):
+    with pytest.raises(ValueError, match=named):
+        SweepConfig.preset("tiny", **changes)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"name": "eps", "kind": "normal", "low": 0.0, "high": 1.0}, "normal"),
+        ({"name": "eps", "kind": "uniform", "low": 0.2, "high": 0.1}, "low < high"),
+        ({"name": "alpha_a", "kind": "loguniform", "low": 0.0, "high": 1.0}, "low > 0"),
+        ({"name": "eps", "kind": "uniform", "low": float("nan"), "high": 1.0}, "low"),
+        ({"name": "eps", "kind": "choice", "values": ()}, "non-empty"),
+        ({"name": "", "kind": "uniform", "low": 0.0, "high": 1.0}, "field name"),
+    ],
+)
+def test_bad_search_dimensions_are_rejected(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        ParamSpec(**kwargs)
+
+
+def test_default_space_sits_around_the_authors_values():
+    space = {spec.name: spec for spec in DEFAULT_SPACE}
+    assert set(space) == {"alpha_a", "alpha_c", "eps"}
+    # The authors used alpha_a 5..30, alpha_c (pert weight) 1, L-inf eps 0.05..0.25.
+    assert space["alpha_a"].kind == "loguniform" and space["alpha_a"].low <= 5 and space["alpha_a"].high >= 30
+    assert space["alpha_c"].kind == "loguniform" and space["alpha_c"].low < 1 < space["alpha_c"].high
+    assert space["eps"].low <= 0.05 and 0.1 < space["eps"].high <= 0.25
+    domains = tune_space(DEFAULT_SPACE)
+    samples = [domains["alpha_a"].sample() for _ in range(200)]
+    assert all(1.0 <= s <= 50.0 for s in samples)
+    # Log-uniform: about half the draws below the geometric midpoint (~7.1).
+    below = sum(s < math.sqrt(50.0) for s in samples) / len(samples)
+    assert 0.35 < below < 0.65
+
+
+def test_space_text_form_parses_and_overrides():
+    space = parse_space(["eps=choice:0.05,0.1", "alpha_c=uniform:0.5:2"])
+    by_name = {s.name: s for s in space}
+    assert by_name["eps"] == ParamSpec("eps", "choice", values=(0.05, 0.1))
+    assert by_name["alpha_c"] == ParamSpec("alpha_c", "uniform", 0.5, 2.0)
+    assert by_name["alpha_a"] == DEFAULT_SPACE[0]
+    for spec in space:
+        assert ParamSpec.parse(spec.describe()) == spec
+    with pytest.raises(ValueError, match="NAME=loguniform"):
+        ParamSpec.parse("eps")
+    with pytest.raises(ValueError, match="numbers"):
+        ParamSpec.parse("eps=uniform:a:b")
+
+
+def test_grid_is_geometric_for_log_dimensions_and_covers_every_combination():
+    grid = grid_configs(DEFAULT_SPACE, {"alpha_a": 3, "alpha_c": 2, "eps": 2})
+    assert len(grid) == 12
+    alphas = sorted({g["alpha_a"] for g in grid})
+    assert alphas[0] == pytest.approx(1.0) and alphas[-1] == pytest.approx(50.0)
+    assert alphas[1] == pytest.approx(math.sqrt(50.0))
+    for point in grid:
+        AttackConfig().override(**point)  # every grid point is a valid attack
+
+
+def test_train_pool_covers_the_surrogate_distillation():
+    config = SweepConfig.preset("demo")
+    assert config.train_pool == max(config.attack.train_limit, config.attack.surrogate.distill_queries)
+    estimate = SweepConfig.preset("demo", gradient_source="estimate")
+    assert estimate.train_pool == estimate.attack.train_limit
+
+
+def test_the_l2_norm_gets_an_l2_eps_range_unless_one_is_given():
+    from clusterattack.tuning.space import L2_EPS
+
+    l2 = SweepConfig.preset("demo", norm="l2")
+    assert {s.name: s for s in l2.space}["eps"] == L2_EPS
+    mine = (ParamSpec("eps", "choice", values=(1.0, 2.0)),)
+    assert SweepConfig.preset("demo", norm="l2", space=mine).space == mine

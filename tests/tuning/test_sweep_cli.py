@@ -1,0 +1,109 @@
+"""The sweep as people run it: ``ray job submit`` to a local cluster, and Ctrl-C then ``--resume``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.tuning.helpers import (
+    REPO,
+    VENV_BIN,
+    LocalHead,
+    mlflow_client,
+    sweep_args,
+    sweep_env,
+    sweep_runs,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _tail(text: str, n: int = 4000) -> str:
+    return text[-n:]
+
+
+def test_ray_job_submit_runs_the_sweep_on_a_local_cluster(tmp_path):
+    env = sweep_env(tmp_path)
+    runtime_env = {
+        # The job's driver runs in a copy of the working dir: MLflow must point at our store.
+        "env_vars": {k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CLUSTERATTACK_ARTIFACT_ROOT",
+                                         "TQDM_DISABLE")},
+        # .gitignore already keeps these out; said again so the upload stays small anyway.
+        "excludes": [".git", ".venv", "mlruns", "data", "runs", "*.pyc", ".pytest_cache", ".ruff_cache"],
+    }  # fmt: skip
+    with LocalHead(tmp_path, env) as head:
+        command = [
+            str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard_url,
+            "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env),
+            "--", "python", *sweep_args(tmp_path, "job", "--num-samples", "2", "--quiet"),
+        ]  # fmt: skip
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, _tail(output)
+    assert "succeeded" in output, _tail(output)
+    assert "Table 1" in output and "generator-cc-digits/1" in output, _tail(output)
+
+    client = mlflow_client(tmp_path)
+    parent, children = sweep_runs(client, "job")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert client.get_model_version("generator-cc-digits", "1").status == "READY"
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
+    env = sweep_env(tmp_path)
+    # Grace period 4: ASHA stops no trial right after its first checkpoint, so the trial
+    # whose checkpoint triggers the interrupt is still mid-way and must resume from it
+    # (with the tiny preset's grace period of 1, ASHA could end it there, a flaky race).
+    args = sweep_args(tmp_path, "resumable", "--epochs", "5", "--grace-period", "4")
+    experiment_dir = tmp_path / "sweeps" / "resumable"
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        # A file, not a pipe: Tune's progress output would fill a pipe nobody reads yet.
+        process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        # Ctrl-C as soon as a trial has saved its first checkpoint: the others are mid-way.
+        deadline = time.monotonic() + 400
+        while not list(experiment_dir.glob("cc-digits/*/checkpoint_000000")):
+            assert process.poll() is None, _tail(log.read_text())
+            assert time.monotonic() < deadline, "no trial checkpoint within 400 s"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    first = log.read_text()
+    assert process.returncode == 130, _tail(first)
+    assert "--resume" in first
+    state = json.loads((experiment_dir / "sweep_state.json").read_text())
+    assert state["status"] == "interrupted"
+    client = mlflow_client(tmp_path)
+    parent, _ = sweep_runs(client, "resumable")
+    assert parent.info.status == "KILLED"
+
+    resumed = subprocess.run(
+        [sys.executable, "jobs/sweep.py", "--resume", "--storage", str(tmp_path / "sweeps"), "--quiet"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, _tail(output)
+    assert "sweep resumable" in output and "generator-cc-digits/1" in output
+
+    parent_after, children = sweep_runs(client, "resumable")
+    assert parent_after.info.run_id == parent.info.run_id  # the same parent run, reopened
+    assert parent_after.info.status == "FINISHED" and parent_after.data.tags["resumed"] == "true"
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    # At least one trial went on from its checkpoint rather than from scratch.
+    restarts = [max((m.value for m in client.get_metric_history(c.info.run_id, "restarts")), default=0)
+                for c in children]  # fmt: skip
+    assert max(restarts) >= 1
+    for child in children:
+        epochs = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
+        assert epochs == list(range(1, len(epochs) + 1))  # no epoch lost or logged twice
+    assert json.loads((experiment_dir / "sweep_state.json").read_text())["status"] == "completed"

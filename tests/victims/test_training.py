@@ -1,0 +1,128 @@
+"""Training recipes on tiny synthetic data: losses fall, checkpoints resume exactly, caches are reused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from clusterattack.victims import VICTIMS
+from clusterattack.victims.training import CHECKPOINT_NAME, cache_key, fingerprint_of
+
+pytestmark = pytest.mark.slow
+
+# The stage whose epochs a recipe's ``epochs`` field sets.
+MAIN_STAGE = {
+    "cc": "cc",
+    "scan": "scan",
+    "nnm": "nnm",
+    "spice": "spice_self",
+    "mice": "mice",
+    "ruc": "ruc",
+}
+
+
+# MiCE's negative ELBO rises over the first epochs here: its queue fills with the keys
+# of a teacher that is still moving, and the demo victim reaches only NMI ~0.39 (issue 3
+# stays open on it). Marked so the suite says so, not hidden.
+KNOWN_NOT_DECREASING = {"mice": "MiCE loss rises as its key queue hardens; open defect (issue 3)"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_NOT_DECREASING[n], strict=False))
+        if n in KNOWN_NOT_DECREASING
+        else n
+        for n in sorted(VICTIMS)
+    ],
+)
+def test_a_few_training_steps_lower_the_loss(name, tiny, tiny_data, tiny_ctx):
+    # Five epochs of the main stage on the same 48 images: its loss must fall.
+    recipe = tiny.recipe(name, epochs=5)
+    model = tiny.model(name)
+    outcome = VICTIMS[name].train(model, tiny_data, recipe, tiny_ctx)
+    losses = [h["loss"] for h in outcome.history if h["stage"] == MAIN_STAGE[name]]
+    assert len(losses) == 5
+    assert losses[-1] < losses[0], f"{name}: loss went {losses}"
+    assert not model.training
+    scored = [h for h in outcome.history if "nmi" in h]
+    assert scored[-1]["epoch"] == len(outcome.history)
+    for h in scored:
+        assert 0 <= h["nmi"] <= 1 and -1 <= h["ari"] <= 1 and 0 <= h["acc"] <= 1
+
+
+class Stop(Exception):
+    """Raised from the epoch callback to simulate a run killed after a checkpoint."""
+
+
+def _stop_after(epochs: int):
+    def on_epoch(record):
+        if record["epoch"] == epochs:
+            raise Stop
+
+    return on_epoch
+
+
+@pytest.mark.parametrize("name", ["cc", "scan"])
+def test_resume_continues_exactly_where_the_run_stopped(name, tiny, tiny_data, tiny_ctx, tmp_path):
+    spec = VICTIMS[name]
+    recipe = tiny.recipe(name, epochs=2)
+    full = tiny.model(name)
+    torch.manual_seed(0)
+    straight = spec.train(full, tiny_data, recipe, tiny_ctx).history
+
+    ckpt = tmp_path / "ckpt"
+    stopped = tiny.model(name)
+    torch.manual_seed(0)
+    ctx = dataclasses.replace(tiny_ctx, checkpoint_dir=ckpt, on_epoch=_stop_after(1))
+    with pytest.raises(Stop):
+        spec.train(stopped, tiny_data, recipe, ctx)
+    assert (ckpt / CHECKPOINT_NAME).exists()
+
+    resumed = tiny.model(name, seed=123)  # different init: everything must come from the checkpoint
+    ctx = dataclasses.replace(tiny_ctx, checkpoint_dir=ckpt, resume=True)
+    history = spec.train(resumed, tiny_data, recipe, ctx).history
+    assert [h["epoch"] for h in history] == [h["epoch"] for h in straight]
+    for a, b in zip(history, straight, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    x = tiny_data.batch(torch.arange(8), torch.device("cpu"), test=True)
+    torch.testing.assert_close(
+        resumed.predict_proba(x), full.predict_proba(x), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tiny, tiny_data, tiny_ctx, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ctx = dataclasses.replace(tiny_ctx, checkpoint_dir=ckpt)
+    VICTIMS["cc"].train(tiny.model("cc"), tiny_data, tiny.recipe("cc", epochs=1), ctx)
+    ctx = dataclasses.replace(ctx, resume=True)
+    with pytest.raises(ValueError, match="written by another run"):
+        VICTIMS["cc"].train(tiny.model("cc"), tiny_data, tiny.recipe("cc", epochs=1, lr=5e-4), ctx)
+
+
+def test_pretext_is_trained_once_and_shared(tiny, tiny_data, tiny_ctx):
+    scan = VICTIMS["scan"].train(
+        tiny.model("scan"), tiny_data, tiny.recipe("scan", epochs=1), tiny_ctx
+    )
+    nnm = VICTIMS["nnm"].train(tiny.model("nnm"), tiny_data, tiny.recipe("nnm", epochs=1), tiny_ctx)
+    assert scan.info["pretext_cached"] is False
+    assert nnm.info["pretext_cached"] is True
+    assert nnm.info["pretext_wall_s"] == scan.info["pretext_wall_s"] > 0
+    assert len(list(tiny_ctx.cache_dir.glob("pretext-*.pt"))) == 1
+
+
+def test_ruc_reuses_the_cached_scan_model(tiny, tiny_data, tiny_ctx):
+    ruc_recipe = tiny.recipe("ruc", epochs=1)
+    VICTIMS["scan"].train(tiny.model("scan"), tiny_data, ruc_recipe.scan, tiny_ctx)
+    outcome = VICTIMS["ruc"].train(tiny.model("ruc"), tiny_data, ruc_recipe, tiny_ctx)
+    assert outcome.info["scan_cached"] is True and outcome.info["scan_wall_s"] > 0
+
+
+def test_cache_key_depends_on_every_field():
+    a = fingerprint_of(recipe=VICTIMS["scan"].recipe("demo"), seed=0)
+    b = fingerprint_of(recipe=VICTIMS["scan"].recipe("demo", num_neighbors=5), seed=0)
+    c = fingerprint_of(recipe=VICTIMS["scan"].recipe("demo"), seed=1)
+    assert len({cache_key(a), cache_key(b), cache_key(c)}) == 3
+    assert cache_key(a) == cache_key(fingerprint_of(recipe=VICTIMS["scan"].recipe("demo"), seed=0))
