@@ -63,7 +63,7 @@ def launch_album_service(
     """Start Serve on ``host:port``, deploy the service, issue attacker keys; URL and keys."""
     ledger = ledger or LedgerConfig()
     check_app_name(name)
-    start_serve(host, port)
+    port = start_serve(host, port)
     admin = LedgerAdmin(ledger)
     issued: list[IssuedKey] = [
         admin.create_key(spec.name, budget=spec.budget, rate_per_s=spec.rate_per_s, burst=spec.burst)

@@ -446,9 +446,24 @@ def deploy_victim(
     return serve.run(app, name=name, route_prefix=route_prefix or f"/{name}")
 
 
-def start_serve(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Start Serve (in the connected Ray) with its HTTP proxy on ``host:port``."""
+def start_serve(host: str = "127.0.0.1", port: int = 8000) -> int:
+    """Start Serve (in the connected Ray) with its HTTP proxy on ``host:port``; returns its port.
+
+    Serve has one HTTP proxy configuration per cluster: when it is already running, Serve
+    keeps the running one and ignores ``port``. The port it really listens on is returned
+    (and a differing one logged), so that URLs are built from where requests are answered.
+    """
     serve.start(http_options={"host": host, "port": port})
+    try:
+        from ray.serve.context import _get_global_client
+
+        actual = int(_get_global_client().http_config.port)
+    except Exception as err:  # a private accessor: fall back to what was asked for
+        logger.debug("could not read Serve's HTTP port (%s); assuming %d", err, port)
+        return port
+    if actual != port:
+        logger.warning("Serve was already running with its HTTP proxy on port %d (not %d): using it", actual, port)
+    return actual
 
 
 @dataclass(frozen=True)
@@ -485,7 +500,7 @@ def launch_victims(
     """
     for name in victims:
         check_app_name(name)
-    start_serve(host, port)
+    port = start_serve(host, port)
     admin = LedgerAdmin(ledger)
     issued: list[IssuedKey] = []
     has_admin = any(s.role == "admin" and not s.revoked for s in admin.list_keys())

@@ -71,8 +71,8 @@ def album_env(ray_session, tmp_path_factory):
         db_path=str(tmp_path_factory.mktemp("album-ledger") / "ledger.sqlite"),
         actor_name=f"test-album-ledger-{uuid.uuid4().hex[:8]}",
     )
-    port = free_port()
-    start_serve("127.0.0.1", port)
+    # Serve keeps one HTTP proxy per Ray session: another package's may still be up.
+    port = start_serve("127.0.0.1", free_port())
     admin = LedgerAdmin(ledger)
     admin_key = admin.create_key("root", role="admin").api_key
     serve_config = ServeConfig(

@@ -97,8 +97,8 @@ def serve_env(ray_session, tmp_path_factory):
         db_path=str(tmp_path_factory.mktemp("ledger") / "ledger.sqlite"),
         actor_name=f"test-ledger-{uuid.uuid4().hex[:8]}",
     )
-    port = free_port()
-    start_serve("127.0.0.1", port)
+    # Serve keeps one HTTP proxy per Ray session: another package's may still be up.
+    port = start_serve("127.0.0.1", free_port())
     admin = LedgerAdmin(ledger_config)
     admin_key = admin.create_key("root", role="admin").api_key
     limits = {
