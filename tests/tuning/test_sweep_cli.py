@@ -42,7 +42,14 @@ def test_ray_job_submit_runs_the_sweep_on_a_local_cluster(tmp_path):
             "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env),
             "--", "python", *sweep_args(tmp_path, "job", "--num-samples", "2", "--quiet"),
         ]  # fmt: skip
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        # The dashboard answers before the head's job agent has registered; Ray then says
+        # "No available agent to submit job, please try again later": do as it says.
+        deadline = time.monotonic() + 120
+        while True:
+            done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
     output = done.stdout + done.stderr
     assert done.returncode == 0, _tail(output)
     assert "succeeded" in output, _tail(output)

@@ -1,0 +1,1 @@
+"""Album service tests (a package, so that its package-scoped Serve fixture ends with it)."""
