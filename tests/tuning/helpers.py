@@ -61,6 +61,10 @@ class LocalHead:
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
             "--include-dashboard", "true", "--num-cpus", str(num_cpus),
             "--object-store-memory", str(200 * 1024 * 1024), "--temp-dir", self.temp_dir,
+            # Ports of our own: the defaults (the agent's HTTP port 52365 above all) may be held
+            # by the test session's Ray, and an agent that cannot bind takes no job submissions.
+            "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+            "--metrics-export-port", str(free_port()),
             "--disable-usage-stats",
         ]  # fmt: skip
         self.process: subprocess.Popen | None = None
