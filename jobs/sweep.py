@@ -1,6 +1,7 @@
 """The main job: sweep the generator attack's hyper-parameters with Ray Tune (ASHA) against served victims.
 
-    python jobs/sweep.py --preset demo                      # Fashion-MNIST, CC and SCAN, ~15 min on 2 cores
+    python jobs/sweep.py --preset demo                      # Fashion-MNIST, CC and SCAN: ~12 min of Tune on
+                                                            # 2 cores, +15 min to train both victims the first time
     python jobs/sweep.py --preset tiny --storage /tmp/sw    # digits 8x8, a minute or two (tests)
     python jobs/sweep.py --preset paper                     # all six victims, every data set present, GPUs
     python jobs/sweep.py --resume                           # continue the latest interrupted sweep
