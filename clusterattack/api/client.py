@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -21,17 +20,14 @@ import requests
 
 from clusterattack.api.errors import album_error_from_payload
 from clusterattack.serving import schema
-from clusterattack.serving.errors import RateLimited, ServiceUnavailable
+from clusterattack.serving.client import TransientError, call_with_retries
+from clusterattack.serving.errors import ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AlbumClient"]
 
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
-
-
-class _Transient(Exception):
-    """A failure worth retrying with the same request (connection lost, 5xx)."""
 
 
 class AlbumClient:
@@ -82,9 +78,9 @@ class AlbumClient:
                 method, self.base_url + path, headers=headers, timeout=self.timeout_s, **kwargs
             )
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+            raise TransientError(f"{type(exc).__name__}: {exc}") from exc
         if response.status_code in _RETRY_STATUSES and not _is_final(response):
-            raise _Transient(f"HTTP {response.status_code}: {response.text[:300]}")
+            raise TransientError(f"HTTP {response.status_code}: {response.text[:300]}")
         if response.status_code >= 400:
             try:
                 payload = response.json()
@@ -95,29 +91,19 @@ class AlbumClient:
 
     def _request(self, endpoint: str, method: str, path: str, **kwargs: Any) -> requests.Response:
         """One API call, retried on transient failures and rate limits; counted once answered."""
-        attempt, waited_s = 0, 0.0
-        while True:
-            try:
-                response = self._send(method, path, **kwargs)
-            except RateLimited as exc:
-                wait_s = exc.retry_after_s
-                if not self.wait_on_rate_limit or wait_s is None or waited_s + wait_s > self.max_rate_wait_s:
-                    raise
-                time.sleep(wait_s)
-                waited_s += wait_s
-                continue
-            except _Transient as exc:
-                attempt += 1
-                if attempt > self.max_retries:
-                    raise ServiceUnavailable(f"{self.base_url}{path} failed {attempt} times: {exc}") from exc
-                with self._lock:
-                    self.retries += 1
-                logger.warning("%s %s failed (%s); retry %d", method, path, exc, attempt)
-                time.sleep(min(5.0, self.retry_backoff_s * 2 ** (attempt - 1)))
-                continue
-            with self._lock:
-                self.calls[endpoint] += 1
-            return response
+        response = call_with_retries(
+            lambda: self._send(method, path, **kwargs),
+            what=f"{method} {self.base_url}{path}",
+            policy=self,
+            on_retry=self._count_retry,
+        )
+        with self._lock:
+            self.calls[endpoint] += 1
+        return response
+
+    def _count_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
 
     # ------------------------------------------------------------------ API
     def info(self) -> dict[str, Any]:

@@ -36,11 +36,40 @@ from clusterattack.victims.base import check_images
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HandleTransport", "HttpTransport", "ServedVictim", "Transport", "TransientError"]
+__all__ = ["HandleTransport", "HttpTransport", "ServedVictim", "Transport", "TransientError", "call_with_retries"]
 
 
 class TransientError(Exception):
     """A failure worth retrying with the same request id (replica died, connection lost)."""
+
+
+def call_with_retries(send: Any, *, what: str, policy: Any, on_retry: Any) -> Any:
+    """``send()`` under the clients' retry policy; its answer, or the error that ended it.
+
+    ``RateLimited`` waits out its ``retry_after_s`` while ``policy.wait_on_rate_limit`` and
+    the total wait stays under ``policy.max_rate_wait_s``; ``TransientError`` (connection
+    lost, 5xx, a replica gone) is retried up to ``policy.max_retries`` times with
+    exponential backoff from ``policy.retry_backoff_s`` (``on_retry()`` is called each
+    time), then raised as ``ServiceUnavailable``. Any other error is raised at once.
+    """
+    attempt, waited_s = 0, 0.0
+    while True:
+        try:
+            return send()
+        except RateLimited as exc:
+            wait_s = exc.retry_after_s
+            if not policy.wait_on_rate_limit or wait_s is None or waited_s + wait_s > policy.max_rate_wait_s:
+                raise
+            time.sleep(wait_s)
+            waited_s += wait_s
+        except TransientError as exc:
+            attempt += 1
+            if attempt > policy.max_retries:
+                raise ServiceUnavailable(f"{what} failed {attempt} times: {exc}") from exc
+            on_retry()
+            logger.warning("%s failed (%s); retry %d", what, exc, attempt)
+            time.sleep(min(5.0, policy.retry_backoff_s * 2 ** (attempt - 1)))
+
 
 
 @runtime_checkable
@@ -338,35 +367,21 @@ class ServedVictim:
             return f"{self._session}-{next(self._ids)}"
 
     def _call(self, images: np.ndarray, request_id: str) -> np.ndarray:
-        waited_s = 0.0
-        attempt = 0
-        while True:
-            try:
-                out = self._transport.predict(images, self._api_key, request_id)
-            except RateLimited as exc:
-                wait_s = exc.retry_after_s
-                if not self.wait_on_rate_limit or wait_s is None or waited_s + wait_s > self.max_rate_wait_s:
-                    raise
-                time.sleep(wait_s)
-                waited_s += wait_s
-                continue
-            except TransientError as exc:
-                attempt += 1
-                if attempt > self.max_retries:
-                    raise ServiceUnavailable(
-                        f"{self._transport.describe()} failed {attempt} times for request "
-                        f"{request_id}: {exc}"
-                    ) from exc
-                with self._lock:
-                    self.retries += 1
-                logger.warning("request %s failed (%s); retry %d", request_id, exc, attempt)
-                time.sleep(min(5.0, self.retry_backoff_s * 2 ** (attempt - 1)))
-                continue
-            self._check_output(out, len(images))
-            with self._lock:
-                self.image_queries += len(images)
-                self.requests += 1
-            return out
+        out = call_with_retries(
+            lambda: self._transport.predict(images, self._api_key, request_id),
+            what=f"{self._transport.describe()} request {request_id}",
+            policy=self,
+            on_retry=self._count_retry,
+        )
+        self._check_output(out, len(images))
+        with self._lock:
+            self.image_queries += len(images)
+            self.requests += 1
+        return out
+
+    def _count_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
 
     def _check_output(self, out: np.ndarray, n: int) -> None:
         expected = (n, self.num_clusters) if self.mode == "scores" else (n,)
