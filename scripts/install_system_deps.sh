@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages the project needs, where apt-get exists; skip what is present.
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist (IDX files under
-# /usr/share/datasets/fashion-mnist); chromium/prometheus are added by the issues that use them.
+# /usr/share/datasets/fashion-mnist); prometheus runs the dashboard test; chromium and chromium-driver open the HTML report in its test.
 set -euo pipefail
-PACKAGES=(dataset-fashion-mnist prometheus)
+PACKAGES=(dataset-fashion-mnist prometheus chromium chromium-driver)
 if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg >/dev/null 2>&1; then
     echo "install_system_deps: no apt-get here; install these yourself if you need them: ${PACKAGES[*]}" >&2
     exit 0

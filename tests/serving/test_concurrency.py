@@ -146,8 +146,10 @@ def test_exact_budget_with_a_replica_killed_mid_run(serve_env):
 
     stats = _run(serve_env, api_key, during=kill_one_replica_when_a_quarter_is_served)
     assert BUDGET // 4 <= killed["at"] < BUDGET
-    # Requests in flight on the killed replica failed and were retried with their ids.
-    assert stats.transient_failures >= 1
+    # Requests caught on the killed replica either failed and were retried by their
+    # clients with the same ids, or were re-routed by Serve before they started: how many
+    # of each is timing (a kill between two requests catches none). Either way the budget
+    # is spent exactly; the retry path itself is pinned by test_http_api's idempotency test.
     _check_exact(serve_env, key_id, stats)
     serve_env.wait_until_serving()
     replaced = _replica_actors(SCORES_APP)
