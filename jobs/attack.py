@@ -21,6 +21,7 @@ import torch
 from clusterattack.attacks import AttackConfig, CountingVictim, run_attack
 from clusterattack.attacks.config import ATTACK_LOSSES, GAN_LOSSES, GRADIENT_SOURCES, NORMS
 from clusterattack.attacks.io import save_generator
+from clusterattack.precision import PRECISIONS
 
 log = logging.getLogger("jobs.attack")
 
@@ -59,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32",
+        help="bf16: generator/discriminator/surrogate steps under bf16 autocast; queries stay fp32",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         type=_option,
@@ -85,6 +90,7 @@ def build_config(args: argparse.Namespace) -> AttackConfig:
         "eps": args.eps,
         "seed": args.seed,
         "device": args.device,
+        "precision": args.precision,
     }
     for flag, field in (
         ("alpha_a", "alpha_a"),

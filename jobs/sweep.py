@@ -35,6 +35,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # trials log per epoch; bars would i
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from clusterattack.attacks.config import NORMS
+    from clusterattack.precision import PRECISIONS
     from clusterattack.tuning.config import BLACK_BOX_SOURCES, PRESETS, TIME_ATTRS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reduction-factor", type=float, default=None, help="ASHA reduction factor")
     p.add_argument("--cpus-per-trial", type=float, default=None)
     p.add_argument("--gpus-per-trial", type=float, default=None, help="> 0 runs the attack on CUDA")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default=None,
+        help="bf16: generator and surrogate steps under bf16 autocast (for GPU trials; default fp32)",
+    )
     p.add_argument("--max-concurrent", type=int, default=None, help="cap on trials at once (default: what fits)")
     p.add_argument("--max-failures", type=int, default=None, help="retries of a failed trial from its checkpoint")
     p.add_argument("--storage", default=None, help="Tune storage path or URI (default: runs/sweeps)")
@@ -96,6 +101,7 @@ def build_config(args: argparse.Namespace) -> Any:
         ("reduction_factor", "reduction_factor"),
         ("cpus_per_trial", "cpus_per_trial"),
         ("gpus_per_trial", "gpus_per_trial"),
+        ("precision", "precision"),
         ("max_concurrent", "max_concurrent"),
         ("max_failures", "max_failures"),
         ("storage", "storage"),

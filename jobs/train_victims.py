@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 
+from clusterattack.precision import PRECISIONS
 from clusterattack.tracking import ui_command
 from clusterattack.victims import PRESETS, VICTIMS, TrainJob, run_train_job
 
@@ -59,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--train-limit", type=int, default=None, help="train on a seeded subset of this many images"
     )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="bf16: training steps under bf16 autocast (GPUs with bf16: A100, H100, ...); "
+        "evaluation stays fp32",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return p.parse_args(argv)
 
@@ -91,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             num_threads=args.threads,
             train_limit=args.train_limit,
             progress=not args.no_progress,
+            precision=args.precision,
         )
         results.append(run_train_job(job))
     for r in results:

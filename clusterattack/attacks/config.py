@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from clusterattack.precision import check_precision
+
 __all__ = [
     "ATTACK_LOSSES",
     "GAN_LOSSES",
@@ -192,6 +194,7 @@ class AttackConfig:
     query_batch: int = 256  # images per victim call, as the paper's Table 2 counts
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # "bf16": generator, discriminator and surrogate steps under autocast
 
     def __post_init__(self) -> None:
         _choice("norm", self.norm, NORMS)
@@ -229,6 +232,7 @@ class AttackConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device must be a torch device string such as 'cpu', got {self.device!r}")
+        check_precision(self.precision)
 
     @property
     def black_box(self) -> bool:

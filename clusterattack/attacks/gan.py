@@ -24,6 +24,7 @@ from clusterattack.attacks.losses import (
     generator_gan_loss,
     membership_distance,
 )
+from clusterattack.precision import autocast
 from clusterattack.serving.errors import BudgetExceeded
 from clusterattack.victims.base import Victim
 
@@ -363,18 +364,29 @@ def _step(
     x: torch.Tensor,
     clean: torch.Tensor,
 ) -> dict[str, float]:
-    """One discriminator step and one generator step on a batch; returns batch statistics."""
-    x_adv, _, g = generator.perturb(x, config.norm, config.eps, config.hard_clamp)
+    """One discriminator step and one generator step on a batch; returns batch statistics.
+
+    Under ``config.precision`` "bf16" the networks run in autocast; the perturbed images
+    (what a victim is queried on), memberships and losses are fp32.
+    """
+    with autocast(x.device, config.precision):
+        x_adv, _, g = generator.perturb(x, config.norm, config.eps, config.hard_clamp)
+    x_adv, g = x_adv.float(), g.float()
     loss_d = torch.zeros(())
     if config.alpha_gan > 0:
-        loss_d = discriminator_loss(discriminator(x), discriminator(x_adv.detach()), config.gan_loss)
+        with autocast(x.device, config.precision):
+            real, fake = discriminator(x), discriminator(x_adv.detach())
+        loss_d = discriminator_loss(real.float(), fake.float(), config.gan_loss)
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
 
-    perturbed = source.memberships(x_adv)
+    with autocast(x.device, config.precision):
+        perturbed = source.memberships(x_adv)
+        judged = discriminator(x_adv) if config.alpha_gan > 0 else None
+    perturbed = perturbed.float()
     attack = attack_objective(clean, perturbed, config.attack_loss, config.target_cluster, config.mi_temperature)
-    gan = generator_gan_loss(discriminator(x_adv), config.gan_loss) if config.alpha_gan > 0 else torch.zeros(())
+    gan = generator_gan_loss(judged.float(), config.gan_loss) if judged is not None else torch.zeros(())
     constraint = constraint_penalty(g, config.norm, config.eps)
     loss_g = config.alpha_gan * gan + config.alpha_a * attack + config.alpha_c * constraint
     opt_g.zero_grad(set_to_none=True)

@@ -241,10 +241,10 @@ class MiCEStage(Stage):
             with torch.no_grad():
                 n = v.shape[0]
                 pos = (torch.arange(n, device=ctx.device) + self.queue_pos) % r.queue_size
-                self.queue[pos] = v
+                self.queue[pos] = v.to(self.queue.dtype)  # bf16 keys under autocast
                 self.queue_pos = int((self.queue_pos + n) % r.queue_size)
                 hard = F.one_hot(posterior.argmax(1), cfg.num_clusters).float()
-                centre_sum += torch.einsum("nk,nkd->kd", hard, v)
+                centre_sum += torch.einsum("nk,nkd->kd", hard, v.float())
             meter.add(
                 loss=loss.detach(), clusters_in_batch=float(posterior.argmax(1).unique().numel())
             )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clusterattack.precision import check_precision
 from clusterattack.victims.io import save_victim
 from clusterattack.victims.registry import PRESETS, get_spec
 from clusterattack.victims.training import (
@@ -54,9 +55,11 @@ class TrainJob:
     train_limit: int | None = None
     progress: bool = True
     experiment: str = EXPERIMENT
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         get_spec(self.model)
+        check_precision(self.precision)
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}, expected one of {PRESETS}")
         if self.epochs is not None and self.epochs < 0:
@@ -145,6 +148,7 @@ def run_train_job(job: TrainJob, dataset=None) -> TrainResult:
         "config": dataclasses.asdict(config),
         "recipe": dataclasses.asdict(recipe),
         "device": str(device),
+        "precision": job.precision,
         "num_train": data.num_train,
         "num_test": len(data.test_labels),
     }
@@ -159,6 +163,7 @@ def run_train_job(job: TrainJob, dataset=None) -> TrainResult:
             resume=job.resume,
             cache_dir=Path(job.cache_dir) if job.cache_dir else None,
             progress=job.progress,
+            precision=job.precision,
             on_epoch=lambda rec: tracking.log_metrics(_numeric(rec), step=int(rec["epoch"])),
         )
         ctx.apply_threads()

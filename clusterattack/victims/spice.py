@@ -130,10 +130,11 @@ def prototype_labels(
     image claimed by two prototypes keeps the more similar one).
     """
     k = probs.shape[1]
-    z = F.normalize(feats, dim=1)
-    top = probs.topk(per_cluster, dim=0).indices  # per_cluster x K
+    # fp32 whatever the autocast dtype: the similarities are compared and stored below.
+    z = F.normalize(feats.float(), dim=1)
+    top = probs.float().topk(per_cluster, dim=0).indices  # per_cluster x K
     protos = F.normalize(z[top].mean(0), dim=1)  # K x D
-    sim = z @ protos.t()  # B x K
+    sim = (z @ protos.t()).float()  # B x K (a matmul under autocast is bf16)
     near = sim.topk(per_cluster, dim=0).indices  # per_cluster x K
     best = torch.full((z.shape[0],), -1, dtype=torch.long, device=z.device)
     best_sim = torch.full((z.shape[0],), -2.0, device=z.device)

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clusterattack.metrics import clustering_scores
+from clusterattack.precision import autocast, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class TrainContext:
     progress: bool = True
     eval_batch_size: int = 1000
     on_epoch: Callable[[dict[str, Any]], None] | None = None
+    precision: str = "fp32"  # "bf16": training steps under bf16 autocast (evaluation stays fp32)
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -147,6 +149,7 @@ class TrainContext:
             self.cache_dir = Path(self.cache_dir)
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        check_precision(self.precision)
 
     def apply_threads(self) -> None:
         if self.num_threads is not None:
@@ -361,7 +364,8 @@ def run_stages(
         for epoch in range(first_epoch if si == first_stage else 0, stage.epochs):
             t0 = time.perf_counter()
             model.train()
-            losses = stage.run_epoch(model, data, ctx, epoch)
+            with autocast(ctx.device, ctx.precision):
+                losses = stage.run_epoch(model, data, ctx, epoch)
             train_s = time.perf_counter() - t0
             last = epoch + 1 == stage.epochs
             scores = (

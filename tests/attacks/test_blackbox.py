@@ -79,3 +79,35 @@ def test_every_source_breaks_the_synthetic_clustering(victim, blobs, source, cha
         assert record[key] is not None, key
     assert record["gradient_source"] == source
     assert record["image_queries"] > 0 and record["calls"] > 0
+
+
+@pytest.mark.parametrize("source", ["whitebox", "estimate", "surrogate"])
+def test_bf16_autocast_keeps_queries_fp32_and_the_bound(victim, blobs, source, config):
+    # Mixed precision is for the generator's own networks: what reaches the victim (and
+    # so the query count and the norm bound) must be what fp32 training would send.
+    sent: list[torch.dtype] = []
+
+    class Recording:
+        num_clusters, input_shape = victim.num_clusters, victim.input_shape
+
+        def predict_proba(self, x):
+            sent.append(x.dtype)
+            return victim.predict_proba(x)
+
+    target = victim if source == "whitebox" else Recording()
+    cfg = config(gradient_source=source, precision="bf16")
+    result = train_generator(target, blobs[0], cfg, progress=False)
+    assert result.stopped == "completed" and result.epochs_run == 3
+    assert all(torch.isfinite(torch.tensor(row["loss_g"])) for row in result.history)
+    if source != "whitebox":
+        assert sent and set(sent) == {torch.float32}
+    from clusterattack.attacks import perturb_images
+
+    adv = perturb_images(result.generator, blobs[1], cfg)
+    assert adv.dtype == torch.float32
+    assert (adv - blobs[1]).abs().max() <= cfg.eps + 1e-6
+
+
+def test_an_unknown_attack_precision_is_refused(config):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        config(precision="fp16")

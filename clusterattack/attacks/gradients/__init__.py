@@ -31,6 +31,7 @@ def _surrogate(victim: Victim, config: AttackConfig) -> SurrogateSource:
         seed=config.seed,
         query_batch=config.query_batch,
         device=config.device,
+        precision=config.precision,
     )
 
 

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from clusterattack.attacks.config import SurrogateConfig
 from clusterattack.attacks.gradients.base import GradientSource, query_memberships
+from clusterattack.precision import autocast
 from clusterattack.victims.base import Victim
 
 __all__ = ["SurrogateNet", "SurrogateSource", "distill", "refresh_epochs"]
@@ -111,6 +112,7 @@ def distill(
     generator: torch.Generator,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    precision: str = "fp32",
 ) -> float:
     """Fit ``model`` to the memberships ``targets`` of ``images``; returns the last epoch's loss."""
     model.to(device).train()
@@ -128,7 +130,9 @@ def distill(
             x = images[idx].to(device)
             if config.augment:
                 x = _shift_flip(x, generator)
-            loss = _distill_loss(model(x), targets[idx].to(device), config.loss)
+            with autocast(device, precision):
+                logits = model(x)
+            loss = _distill_loss(logits.float(), targets[idx].to(device), config.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -173,8 +177,10 @@ class SurrogateSource(GradientSource):
         seed: int,
         query_batch: int,
         device: str = "cpu",
+        precision: str = "fp32",
     ) -> None:
         self.victim = victim
+        self.precision = precision
         self.config = config
         self.eps = eps
         self.norm = norm
@@ -222,7 +228,10 @@ class SurrogateSource(GradientSource):
         for member in range(self.config.ensemble):
             torch.manual_seed(self._seed * 1000 + member)
             model = SurrogateNet(shape, k, self.config.width, self.config.arch)
-            loss = distill(model, xs, ys, self.config.distill_epochs, self.config, self.generator, self.device, bar.update)
+            loss = distill(
+                model, xs, ys, self.config.distill_epochs, self.config, self.generator,
+                self.device, bar.update, precision=self.precision,
+            )
             self.models.append(model)
             self._optimizers.append(torch.optim.Adam(model.parameters(), lr=self.config.lr * 0.25))
             log.info("surrogate %d distilled on %d points, loss %.4f", member, xs.shape[0], loss)
@@ -284,7 +293,9 @@ class SurrogateSource(GradientSource):
         with torch.enable_grad():
             for model, opt in zip(self.models, self._optimizers, strict=True):
                 model.train()
-                loss = _distill_loss(model(x), y, self.config.loss)
+                with autocast(self.device, self.precision):
+                    logits = model(x)
+                loss = _distill_loss(logits.float(), y, self.config.loss)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -325,7 +336,10 @@ class SurrogateSource(GradientSource):
         fy = torch.cat([adv_y, self._pool_y[0][pick]])
         tune = dataclasses.replace(self.config, lr=self.config.lr * 0.5)
         for model in self.models:
-            distill(model, fx, fy, self.config.refresh_epochs, tune, self.generator, self.device)
+            distill(
+                model, fx, fy, self.config.refresh_epochs, tune, self.generator, self.device,
+                precision=self.precision,
+            )
         after = self._agreement(x_adv, y_adv)
         log.info("surrogate refresh at epoch %d: %d queries, agreement %.3f -> %.3f", epoch, count, before, after)
         out.update(surrogate_agreement_adv=before, surrogate_agreement_adv_after=after)
