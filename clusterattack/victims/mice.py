@@ -34,6 +34,7 @@ from clusterattack.victims.training import (
     TrainOutcome,
     batches,
     run_stages,
+    train_features,
 )
 
 log = logging.getLogger(__name__)
@@ -106,11 +107,20 @@ class MiCERecipe:
 
     ``init_from_pretext`` starts the backbone from the shared SimCLR pretext: the demo's
     CPU budget has no room for MiCE's own 1,000 epochs from scratch (``full`` trains
-    from scratch as the paper does).
+    from scratch as the paper does). With a pretext, ``gate_warmup_epochs`` first fit the
+    gate to k-means clusters of the pretext features: from a random gate, a few EM
+    epochs only reinforce whatever partition the random gate drew (NMI ~0.39 here).
     """
 
     pretext: PretextRecipe = field(default_factory=PretextRecipe)
     init_from_pretext: bool = True
+    # Epochs fitting the gate (and the expert prototypes) to k-means of the pretext
+    # features before EM; 0 starts EM from a random gate, as MiCE does from scratch.
+    gate_warmup_epochs: int = 10
+    gate_warmup_lr: float = 1e-3
+    # First EM epochs whose E-step is the warm-up's k-means assignment: the experts
+    # are random after warm-up, and their noise would otherwise drive the posterior.
+    anchored_epochs: int = 2
     epochs: int = 4
     batch_size: int = 256
     lr: float = 0.05
@@ -121,6 +131,12 @@ class MiCERecipe:
     view: AugmentConfig = STRONG
 
     def __post_init__(self) -> None:
+        if self.gate_warmup_epochs < 0 or self.gate_warmup_lr <= 0 or self.anchored_epochs < 0:
+            raise ValueError(
+                "mice recipe needs gate_warmup_epochs >= 0, gate_warmup_lr > 0 and "
+                f"anchored_epochs >= 0; got {self.gate_warmup_epochs}, {self.gate_warmup_lr}, "
+                f"{self.anchored_epochs}"
+            )
         if self.epochs < 0 or self.batch_size < 2 or self.lr <= 0 or not 0 <= self.ema < 1:
             raise ValueError(
                 f"mice recipe needs epochs >= 0, batch_size >= 2, lr > 0, 0 <= ema < 1; got {self}"
@@ -135,7 +151,15 @@ class MiCERecipe:
         if name == "demo":
             return cls()
         if name == "full":
-            return cls(init_from_pretext=False, epochs=1000, lr=1.0, ema=0.999, queue_size=16384)
+            return cls(
+                init_from_pretext=False,
+                gate_warmup_epochs=0,
+                anchored_epochs=0,
+                epochs=1000,
+                lr=1.0,
+                ema=0.999,
+                queue_size=16384,
+            )
         raise ValueError(f"unknown preset {name!r}, expected 'demo' or 'full'")
 
 
@@ -146,11 +170,12 @@ def mice_elbo(
     mu: torch.Tensor,
     queue: torch.Tensor,
     tau: float,
+    posterior: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Negative ELBO of MiCE and the posterior q(k | x) (N x K, no gradient).
 
     f, v: N x K x D student embeddings and teacher keys; mu: K x D expert prototypes;
-    queue: Q x K x D negative keys.
+    queue: Q x K x D negative keys. ``posterior`` replaces the E-step (anchored epochs).
     """
     log_pi = torch.log_softmax(gating_logits, dim=1)
     pos = (torch.einsum("nkd,nkd->nk", f, v) + torch.einsum("nkd,kd->nk", v, mu)).unsqueeze(2)
@@ -158,10 +183,74 @@ def mice_elbo(
         0
     )
     log_phi = torch.log_softmax(torch.cat([pos, neg], dim=2) / tau, dim=2)[:, :, 0]  # N x K
-    with torch.no_grad():
-        posterior = torch.softmax(log_pi + log_phi, dim=1)
+    if posterior is None:
+        with torch.no_grad():
+            posterior = torch.softmax(log_pi + log_phi, dim=1)
     loss = -(posterior * (log_pi + log_phi - torch.log(posterior.clamp_min(1e-12)))).sum(1).mean()
     return loss, posterior
+
+
+class MiCEGateWarmupStage(Stage):
+    """Gate fitted to k-means of the (frozen) pretext features; expert prototypes from its clusters.
+
+    Features are computed once on clean training images; the gate learns to send each
+    image to the gating prototype of its k-means cluster (cross-entropy on pi(x)), and
+    mu_k starts as the normalised mean expert-k embedding of the images in cluster k,
+    so the first E-step already agrees with a sensible partition.
+    """
+
+    name = "mice_gate"
+    eval_every = 5
+
+    def __init__(self, recipe: MiCERecipe, shared: dict) -> None:
+        super().__init__(recipe.gate_warmup_epochs)
+        self.recipe = recipe
+        self.shared = shared
+        self.feats: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+
+    def start(self, model, data, ctx, state):
+        from sklearn.cluster import KMeans
+
+        self.optimizer = torch.optim.Adam(model.gate.parameters(), lr=self.recipe.gate_warmup_lr)
+        self.feats = train_features(model, data, ctx).to(ctx.device)
+        if self.restore(state):
+            self.shared["labels"] = self.labels
+            return
+        k = model.config.num_clusters
+        normed = F.normalize(self.feats.float(), dim=1).cpu().numpy()
+        self.labels = torch.as_tensor(
+            KMeans(k, n_init=3, random_state=ctx.seed).fit_predict(normed),
+            dtype=torch.long,
+            device=ctx.device,
+        )
+        with torch.no_grad():
+            _, f = model.embed(self.feats)
+            hard = F.one_hot(self.labels, k).float()
+            centres = torch.einsum("nk,nkd->kd", hard, f.float())
+            used = centres.norm(dim=1) > 0
+            model.expert_prototypes[used] = F.normalize(centres[used], dim=1)
+        self.shared["labels"] = self.labels
+
+    def extra_state(self):
+        return {"labels": self.labels}
+
+    def load_extra_state(self, state):
+        self.labels = state["labels"]
+
+    def run_epoch(self, model, data, ctx, epoch):
+        r = self.recipe
+        meter = MeanMeter()
+        for idx in batches(data.num_train, r.batch_size, f"mice-gate {epoch + 1}/{self.epochs}", ctx):
+            idx = idx.to(ctx.device)
+            g = F.normalize(model.gate(self.feats[idx]), dim=1)
+            logits = g @ model.gating_prototypes.t() / model.config.kappa
+            loss = F.cross_entropy(logits.float(), self.labels[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            meter.add(loss=loss.detach())
+        return meter.means()
 
 
 class MiCEStage(Stage):
@@ -169,9 +258,10 @@ class MiCEStage(Stage):
 
     name = "mice"
 
-    def __init__(self, recipe: MiCERecipe) -> None:
+    def __init__(self, recipe: MiCERecipe, shared: dict | None = None) -> None:
         super().__init__(recipe.epochs)
         self.recipe = recipe
+        self.shared = shared if shared is not None else {}
         self.teacher: MiCE | None = None
         self.queue: torch.Tensor | None = None
         self.queue_pos = 0
@@ -205,11 +295,14 @@ class MiCEStage(Stage):
             "teacher": self.teacher.state_dict(),
             "queue": self.queue,
             "queue_pos": self.queue_pos,
+            "labels": self.shared.get("labels"),
         }
 
     def load_extra_state(self, state):
         self.teacher.load_state_dict(state["teacher"])
         self.queue, self.queue_pos = state["queue"], state["queue_pos"]
+        if state.get("labels") is not None:
+            self.shared["labels"] = state["labels"]
 
     @torch.no_grad()
     def _momentum_update(self, model: MiCE) -> None:
@@ -231,8 +324,11 @@ class MiCEStage(Stage):
             # One student pass feeds both the gate and the experts (MiCE uses a third view for
             # the gate; sharing it saves a third of the compute on a CPU budget).
             gating_logits, f = model.embed(model.backbone(augment(x, r.view)))
+            anchor = None
+            if epoch < r.anchored_epochs and self.shared.get("labels") is not None:
+                anchor = F.one_hot(self.shared["labels"][idx.to(ctx.device)], cfg.num_clusters).float()
             loss, posterior = mice_elbo(
-                gating_logits, f, v, model.expert_prototypes, self.queue, cfg.tau
+                gating_logits, f, v, model.expert_prototypes, self.queue, cfg.tau, anchor
             )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -258,9 +354,13 @@ class MiCEStage(Stage):
 def train_mice(model: MiCE, data: TrainData, recipe: MiCERecipe, ctx: TrainContext) -> TrainOutcome:
     """(Optionally) shared pretext backbone -> MiCE EM epochs."""
     info = init_from_pretext(model, recipe.pretext, data, ctx) if recipe.init_from_pretext else {}
+    shared: dict = {}
+    stages: list[Stage] = [MiCEStage(recipe, shared)]
+    if recipe.init_from_pretext and recipe.gate_warmup_epochs > 0:
+        stages.insert(0, MiCEGateWarmupStage(recipe, shared))
     history = run_stages(
         model,
-        [MiCEStage(recipe)],
+        stages,
         data,
         ctx,
         scan_fingerprint(model, data, recipe, ctx.seed),

@@ -99,7 +99,14 @@ TINY_RECIPES: dict[str, dict] = {
         "reliable_agreement": 0.6,
         "reliable_confidence": 0.4,
     },
-    "mice": {"pretext": TINY_PRETEXT, "epochs": 2, "batch_size": 16, "queue_size": 32},
+    "mice": {
+        "pretext": TINY_PRETEXT,
+        "gate_warmup_epochs": 2,
+        "anchored_epochs": 0,  # the loss test then measures free EM epochs only
+        "epochs": 2,
+        "batch_size": 16,
+        "queue_size": 32,
+    },
     "ruc": {
         "scan": dataclasses.replace(
             VICTIMS["scan"].recipe("demo"),
