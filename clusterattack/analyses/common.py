@@ -1,0 +1,217 @@
+"""Shared pieces of the analyses: resolving victims and generators, cheap attack settings, Ray start-up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clusterattack.attacks.config import AttackConfig
+from clusterattack.attacks.generator import Generator
+from clusterattack.attacks.io import load_generator
+
+__all__ = [
+    "CHEAP_ATTACK",
+    "LoadedGenerator",
+    "TaskRunner",
+    "as_pairs",
+    "attack_pool_size",
+    "init_ray",
+    "load_victim_named",
+    "resolve_generator",
+    "test_split",
+    "train_split",
+    "victim_source",
+]
+
+log = logging.getLogger(__name__)
+
+#: Small generator-training settings for analyses that train many generators on a CPU
+#: (1-2 CPU-minutes each on Fashion-MNIST): 2,000 training images, 6 epochs, surrogate from
+#: 4,000 queries, alpha_a 30 and alpha_c 0.1 (near the best of the demo sweep). Override
+#: any field with ``AttackConfig.override``.
+CHEAP_ATTACK = AttackConfig(
+    eps=0.15,
+    epochs=6,
+    train_limit=2000,
+    alpha_a=30.0,
+    alpha_c=0.1,
+    gradient_source="surrogate",
+).override(
+    **{
+        "surrogate.distill_queries": 4000,
+        "surrogate.distill_epochs": 4,
+        "surrogate.refresh_rounds": 1,
+        "surrogate.refresh_queries": 1000,
+        "surrogate.refresh_epochs": 2,
+        "surrogate.online": False,
+    }
+)
+
+_REGISTERED = re.compile(r"^(generator-[A-Za-z0-9_.-]+?)(?:/(\d+|latest))?$")
+
+
+def as_pairs(mapping: Mapping[str, str] | tuple[tuple[str, str], ...] | None) -> tuple[tuple[str, str], ...]:
+    """A mapping as sorted (key, value) pairs: the hashable form frozen configs keep."""
+    if mapping is None:
+        return ()
+    items = mapping.items() if isinstance(mapping, Mapping) else mapping
+    return tuple(sorted((str(k), str(v)) for k, v in items))
+
+
+def victim_source(name: str, dataset: str, files: Mapping[str, str] | None = None) -> str:
+    """Where victim ``name`` is loaded from: a file given for it, else ``victim-<name>-<dataset>`` (registry)."""
+    if files and name in files:
+        return str(files[name])
+    return f"victim-{name}-{dataset}"
+
+
+def load_victim_named(name: str, dataset: str, files: Mapping[str, str] | None = None, device: str = "cpu"):
+    """The trained victim ``name`` on ``dataset`` in eval mode, weights frozen (no gradient is ever needed)."""
+    from clusterattack.victims.io import load_victim
+
+    model = load_victim(victim_source(name, dataset, files), device=device)
+    model.requires_grad_(False)
+    return model
+
+
+@dataclass(frozen=True)
+class LoadedGenerator:
+    """A trained generator, the config it was trained with, where it came from and what it cost."""
+
+    generator: Generator
+    config: AttackConfig
+    reference: str
+    image_queries: int | None = None
+    extra: Mapping[str, Any] | None = None
+
+
+def resolve_generator(reference: str, device: str = "cpu") -> LoadedGenerator:
+    """Load a generator from a file (``attacks.io.save_generator``) or a registry name.
+
+    Registry names are ``generator-<model>-<dataset>`` with an optional ``/<version>``
+    (newest when left out); the file is the registering run's ``generator/generator.pt``
+    and its image-queries come from that run's metrics.
+    """
+    path = Path(reference)
+    if path.is_file():
+        generator, config, extra = load_generator(path, device)
+        queries = extra.get("image_queries") if isinstance(extra, dict) else None
+        return LoadedGenerator(generator, config, str(path), None if queries is None else int(queries), extra)
+    match = _REGISTERED.match(reference)
+    if match is None:
+        raise ValueError(
+            f"cannot resolve generator {reference!r}: expected an existing generator file or a "
+            "registry name 'generator-<model>-<dataset>[/<version>]'"
+        )
+    from clusterattack.tracking.analyses import (
+        download_registered_generator,
+        registered_generator_info,
+    )
+
+    name, version = match.group(1), match.group(2)
+    info = registered_generator_info(name, None if version in (None, "latest") else version)
+    local = download_registered_generator(name, info["version"])
+    generator, config, extra = load_generator(local, device)
+    queries = info["metrics"].get("image_queries")
+    return LoadedGenerator(
+        generator, config, f"{name}/{info['version']}", None if queries is None else int(queries), extra
+    )
+
+
+def attack_pool_size(config: AttackConfig) -> int | None:
+    """Training images an attack needs: its ``train_limit``, or more when a surrogate distils from more."""
+    if config.train_limit is None:
+        return None
+    if config.gradient_source == "surrogate":
+        return max(config.train_limit, config.surrogate.distill_queries)
+    return config.train_limit
+
+
+def test_split(dataset: str, limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float test images in [0, 1] and their labels: a seeded subset of ``limit`` (all when None)."""
+    from clusterattack.data import load_dataset
+
+    return load_dataset(dataset).subset("test", limit=limit, seed=seed).as_float()
+
+
+def train_split(dataset: str, limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float training images (labels returned but never used by attacks or detectors' fitting)."""
+    from clusterattack.data import load_dataset
+
+    return load_dataset(dataset).subset("train", limit=limit, seed=seed).as_float()
+
+
+def init_ray(address: str | None = None, object_store_mb: int = 512, num_cpus: int | None = None) -> bool:
+    """Connect to ``address``/``RAY_ADDRESS`` or start Ray in-process; True when started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log.info("connected to the Ray cluster at %s", address)
+        return False
+    ray.init(
+        num_cpus=num_cpus,
+        object_store_memory=object_store_mb * 1024 * 1024,
+        include_dashboard=False,
+        configure_logging=False,
+    )
+    log.info("started a local Ray: %s", ray.cluster_resources())
+    return True
+
+
+def _with_threads(threads: int, fn: Callable, *args: Any) -> Any:
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+class TaskRunner:
+    """Runs the same functions as Ray tasks (one CPU each) or in this process, in submission order."""
+
+    def __init__(self, use_ray: bool, threads: int, address: str | None) -> None:
+        self.use_ray = use_ray
+        self.threads = threads
+        if use_ray:
+            import ray
+
+            init_ray(address)
+            self._remote = ray.remote(num_cpus=1)(_with_threads)
+
+    def put(self, value: Any) -> Any:
+        if not self.use_ray:
+            return value
+        import ray
+
+        return ray.put(value)
+
+    def submit(self, fn: Callable, *args: Any) -> Any:
+        if self.use_ray:
+            return self._remote.remote(self.threads, fn, *args)
+        return ("local", fn, args)
+
+    def gather(self, handles: Sequence[Any], desc: str, progress: bool) -> list[Any]:
+        from tqdm.auto import tqdm
+
+        if not self.use_ray:
+            out = []
+            for _, fn, args in tqdm(handles, desc=desc, disable=not progress):
+                out.append(_with_threads(self.threads, fn, *args))
+            return out
+        import ray
+
+        pending = list(handles)
+        with tqdm(total=len(pending), desc=desc, disable=not progress) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+                log.info("%s: %d/%d tasks done", desc, len(handles) - len(pending), len(handles))
+        return ray.get(list(handles))

@@ -1,0 +1,715 @@
+"""The HTML report of a sweep and its analyses: ``ReportData`` in, a self-contained folder out.
+
+``write_report(data, folder)`` writes ``index.html``, its figures as PNG files under
+``figures/`` (relative links, so the folder opens offline and can be copied or logged as
+artifacts) and ``report.json`` with every number shown. Sections whose inputs are
+missing say so and name the command that produces them. Gathering the data from MLflow
+is ``clusterattack.tracking.reports``; nothing here touches a store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clusterattack.reports import figures as figs
+from clusterattack.reports.html import (
+    Column,
+    Section,
+    esc,
+    figure_html,
+    fmt,
+    missing_html,
+    page_html,
+    provenance_html,
+    table_html,
+)
+
+__all__ = [
+    "ANALYSIS_KINDS",
+    "AnalysisResult",
+    "Breakdown",
+    "ReportData",
+    "SweepTables",
+    "default_commands",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+
+ANALYSIS_KINDS = ("norm_curves", "transfer", "detection", "pca", "retraining")
+INDEX = "index.html"
+DATA_FILE = "report.json"
+
+#: The paper's SSD detection rates (Section 5), shown beside ours for comparison.
+PAPER_DETECTION = "the paper's SSD flagged 11.69% / 19.41% / 11.71% (CIFAR-10 / CIFAR-100 / STL-10)"
+
+
+def default_commands(
+    dataset: str = "<dataset>",
+    victims: Sequence[str] = ("<model>",),
+    generators: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """What to run to produce each section's inputs (shown in place of a missing section).
+
+    ``victims`` are model names (``cc``), ``generators`` map a model to its registered
+    generator (``generator-cc-fashion_mnist/1``); the sweep's own ones when there is a sweep.
+    """
+    victims = list(victims) or ["<model>"]
+    gens = {v: (generators or {}).get(v) or f"generator-{v}-{dataset}" for v in victims}
+    first = victims[0]
+    names = " ".join(victims)
+    return {
+        "sweep": "python jobs/sweep.py --preset demo",
+        "breakdown": "python jobs/sweep.py --preset demo  (a sweep that registers its best generators; "
+        "then run this report again)",
+        "norm_curves": f"python jobs/transfer.py norm-curves --dataset {dataset} --victims {names} "
+        "--eps-values 0.05 0.1 0.15 0.2",
+        "transfer": f"python jobs/transfer.py matrix --dataset {dataset} --victims {names} "
+        + " ".join(f"--generator {v}={g}" for v, g in gens.items()),
+        "detection": f"python jobs/defend.py detect --dataset {dataset} --victim {first} --generator {gens[first]}",
+        "pca": f"python jobs/defend.py pca --dataset {dataset} --victim {first} --generator {gens[first]}",
+        "retraining": f"python jobs/defend.py retrain --dataset {dataset} --victim {first} "
+        + " ".join(f"--generator {g}" for g in gens.values()),
+    }
+
+
+@dataclass
+class SweepTables:
+    """One sweep's summary: Table 1 and Table 2 rows, each carrying ``run_id`` (the best trial's run)."""
+
+    name: str
+    parent_run_id: str
+    table1: list[dict[str, Any]]
+    table2: list[dict[str, Any]]
+    generators: dict[str, str] = field(
+        default_factory=dict
+    )  # "<model>-<dataset>" -> "<name>/<version>"
+    tags: dict[str, str] = field(default_factory=dict)
+    totals: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class AnalysisResult:
+    """The newest analysis run of one kind: its JSON payload, for PCA the point arrays, and the
+    PNG figures the run logged (name -> local file; shown for kinds the report does not redraw)."""
+
+    kind: str
+    run_id: str
+    payload: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    figure_files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Breakdown:
+    """Clustering before/after one generator, recomputed for the report on a seeded test sample.
+
+    ``confusion_pre``/``confusion_post`` are Hungarian-aligned classes x clusters counts;
+    ``grid_*`` hold the few images of the Fig. 1 grid (floats in [0, 1]) and their clusters;
+    ``scores`` is ``attacks.evaluate_attack``'s dict on the whole sample; ``image_queries``
+    counts the victim queries the report itself made (locally, outside any budget).
+    """
+
+    model: str
+    dataset: str
+    victim: str
+    generator: str
+    generator_run_id: str
+    gradient_source: str
+    norm: str
+    eps: float
+    seed: int
+    sample_seed: int
+    n_images: int
+    image_queries: int
+    scores: dict[str, Any]
+    confusion_pre: np.ndarray
+    confusion_post: np.ndarray
+    grid_clean: np.ndarray
+    grid_adv: np.ndarray
+    grid_labels: np.ndarray
+    grid_pre: np.ndarray
+    grid_post: np.ndarray
+    class_names: tuple[str, ...] = ()
+    cluster_names: dict[int, str] = field(default_factory=dict)
+    cluster_order: np.ndarray | None = None  # cluster id of each confusion column (None: 0..K-1)
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows; any part may be missing (None or empty)."""
+
+    title: str
+    tracking_uri: str
+    generated_at: str
+    dataset: str | None = None
+    sweep: SweepTables | None = None
+    analyses: dict[str, AnalysisResult] = field(default_factory=dict)
+    breakdowns: list[Breakdown] = field(default_factory=list)
+    breakdown_error: str = ""
+    commands: dict[str, str] = field(default_factory=default_commands)
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ tables
+_METRICS = ("nmi", "ari", "acc")
+
+TABLE1_COLUMNS = (
+    Column("victim", "victim", "text"),
+    Column("victim_version", "version", "text"),
+    Column("dataset", "dataset", "text"),
+    Column("gradient_source", "gradient source", "text"),
+    Column("norm", "norm", "text"),
+    Column("eps", "eps"),
+    Column("seed", "seed", "text"),
+    Column("nmi", "NMI pre → post", "arrow"),
+    Column("nmi_drop", "NMI drop", "pct", "relative drop (pre - post) / pre"),
+    Column("ari", "ARI pre → post", "arrow"),
+    Column("ari_drop", "ARI drop", "pct"),
+    Column("acc", "ACC pre → post", "arrow"),
+    Column("acc_drop", "ACC drop", "pct"),
+    Column(
+        "image_queries",
+        "image-queries",
+        "int",
+        "images sent to the victim while training the best generator",
+    ),
+    Column("calls", "calls", "int", "victim calls (requests) while training the best generator"),
+    Column("best_trial", "trial", "text"),
+    Column("run_id", "MLflow run", "text"),
+)
+
+TABLE2_COLUMNS = (
+    Column("victim", "victim", "text"),
+    Column("dataset", "dataset", "text"),
+    Column("gradient_source", "gradient source", "text"),
+    Column("norm", "norm", "text"),
+    Column("eps", "eps"),
+    Column("seed", "seed", "text"),
+    Column("image_queries", "image-queries", "int"),
+    Column("calls", "calls", "int"),
+    Column(
+        "calls_256",
+        "calls of 256",
+        "int",
+        "image-queries / 256 rounded up: the paper's unit (Table 2)",
+    ),
+    Column("converged_epoch", "converged at epoch", "int"),
+    Column("image_queries_at_convergence", "image-queries at convergence", "int"),
+    Column("calls_256_at_convergence", "calls of 256 at convergence", "int"),
+    Column("budget", "budget (image-queries)", "int"),
+    Column("sweep_trials", "trials", "int"),
+    Column("sweep_image_queries", "image-queries of all trials", "int"),
+    Column("run_id", "MLflow run", "text"),
+)
+
+
+def _table1_rows(tables: SweepTables) -> list[dict[str, Any]]:
+    """Table 1 rows with the query counts of the matching Table 2 row (same model and dataset)."""
+    queries = {(r.get("model"), r.get("dataset")): r for r in tables.table2}
+    rows = []
+    for row in tables.table1:
+        q = queries.get((row.get("model"), row.get("dataset")), {})
+        rows.append({**{k: q.get(k) for k in ("image_queries", "calls", "calls_256")}, **row})
+    return rows
+
+
+def _sweep_sections(data: ReportData) -> list[Section]:
+    tables = data.sweep
+    if tables is None:
+        cmd = data.commands["sweep"]
+        return [
+            Section(
+                "table1",
+                "Table 1: attack effect (NMI, ARI, ACC before → after)",
+                missing_html(cmd),
+                False,
+            ),
+            Section("table2", "Table 2: query complexity", missing_html(cmd), False),
+        ]
+    source = provenance_html(
+        {"sweep": tables.name, "experiment": "sweeps", "status": tables.tags.get("status", "")},
+        [tables.parent_run_id],
+    )
+    note1 = (
+        "<p class=\"note\">Best trial per victim (by the sweep's objective); scores on the sweep's fixed test "
+        "subset. Drop = (pre - post) / pre. Each row's run id is the best trial's child run; the tables are "
+        "artifacts <code>tables/table1_attack.*</code> of the sweep's parent run.</p>"
+    )
+    note2 = (
+        '<p class="note">Image-queries are images sent to the victim while training the best generator; calls '
+        "are the requests that carried them; calls of 256 is the paper's unit. Convergence uses the attack's "
+        "loss-plateau rule; a dash means the loss had not converged.</p>"
+    )
+    t1 = (
+        table_html(_table1_rows(tables), TABLE1_COLUMNS, table_id="table1")
+        if tables.table1
+        else "<p>no rows</p>"
+    )
+    t2 = (
+        table_html(tables.table2, TABLE2_COLUMNS, table_id="table2")
+        if tables.table2
+        else "<p>no rows</p>"
+    )
+    return [
+        Section(
+            "table1", "Table 1: attack effect (NMI, ARI, ACC before → after)", source + note1 + t1
+        ),
+        Section("table2", "Table 2: query complexity", source + note2 + t2),
+    ]
+
+
+# ------------------------------------------------------------------ breakdown and grid
+def _breakdown_provenance(b: Breakdown) -> str:
+    return provenance_html(
+        {
+            "victim": b.victim,
+            "dataset": b.dataset,
+            "generator": b.generator,
+            "gradient source": b.gradient_source,
+            "eps": f"{b.norm} {b.eps:g}",
+            "attack seed": b.seed,
+            "test images": f"{b.n_images} (seed {b.sample_seed})",
+            "report's own image-queries": b.image_queries,
+        },
+        [b.generator_run_id],
+    )
+
+
+def _local_note(b: Breakdown) -> str:
+    return (
+        '<p class="note">Recomputed for this report: the registered generator perturbs a seeded sample of test '
+        "images and the victim is queried <em>locally</em> (not through the served, budgeted API), "
+        f"{esc(fmt(b.image_queries, 'int'))} image-queries that no sweep budget counts.</p>"
+    )
+
+
+def _agreement(b: Breakdown, tables: SweepTables | None) -> str:
+    """Whether the recomputed scores reproduce the sweep's Table 1 row of the same victim."""
+    row = next(
+        (
+            r
+            for r in (tables.table1 if tables else [])
+            if (r.get("model"), r.get("dataset")) == (b.model, b.dataset)
+        ),
+        None,
+    )
+    if row is None:
+        return ""
+    keys = [f"{m}_{w}" for m in _METRICS for w in ("pre", "post")]
+    pairs = [(k, _num(row.get(k)), _num(b.scores.get(k))) for k in keys]
+    diffs = [abs(a - c) for _, a, c in pairs if a is not None and c is not None]
+    if diffs and max(diffs) < 5e-4:
+        return '<p class="note">These recomputed scores reproduce Table 1 (every difference under 0.0005).</p>'
+    shown = ", ".join(f"{k} {fmt(a)} there" for k, a, _ in pairs)
+    return (
+        f'<p class="note">These recomputed scores differ from Table 1 ({esc(shown)}): the test sample, '
+        "the victim version or the generator differs from the sweep's.</p>"
+    )
+
+
+def _num(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _breakdown_sections(data: ReportData, folder: Path) -> list[Section]:
+    title_cm = "Clustering breakdown: confusion matrices before and after (Fig. 2)"
+    title_grid = "Clean and perturbed images with their clusters (Fig. 1)"
+    if not data.breakdowns:
+        cmd = data.commands["breakdown"] if data.sweep is not None else data.commands["sweep"]
+        body = missing_html(cmd, data.breakdown_error)
+        return [
+            Section("confusion", title_cm, body, False),
+            Section("grid", title_grid, body, False),
+        ]
+    cm_parts, grid_parts = [], []
+    for b in data.breakdowns:
+        key = f"{b.model}-{b.dataset}"
+        s = b.scores
+        heading = f"<h3>{esc(b.victim)} on {esc(b.dataset)}</h3>"
+        scores_table = table_html(
+            [{"victim": b.victim, **{k: s.get(k) for k in s if isinstance(s.get(k), int | float)}}],
+            (
+                Column("victim", "victim", "text"),
+                Column("nmi", "NMI pre → post", "arrow"),
+                Column("ari", "ARI pre → post", "arrow"),
+                Column("acc", "ACC pre → post", "arrow"),
+                Column("changed_fraction", "images that changed cluster", "pct"),
+                Column("largest_cluster_fraction_post", "largest cluster after", "pct"),
+                Column("clusters_used_post", "clusters used after", "int"),
+                Column("linf_mean", "mean L∞"),
+                Column("l2_mean", "mean L2"),
+            ),
+            table_id=f"breakdown-{key}",
+        )
+        titles = (
+            f"before attack (NMI {fmt(s.get('nmi_pre'))})",
+            f"after attack (NMI {fmt(s.get('nmi_post'))})",
+        )
+        cm = figs.confusion_pair_figure(
+            b.confusion_pre, b.confusion_post, titles, b.class_names, b.cluster_order
+        )
+        cm_src = figs.save_figure(cm, folder, f"confusion_{key}")
+        cm_parts.append(
+            heading
+            + _breakdown_provenance(b)
+            + _local_note(b)
+            + scores_table
+            + _agreement(b, data.sweep)
+            + figure_html(
+                cm_src,
+                f"{b.victim}: true class (rows) x cluster id (columns, in both panels ordered by the class each "
+                f"cluster matches on clean images) on {b.n_images} test images; after the attack most images "
+                "fall into a few clusters.",
+            )
+        )
+        grid = figs.image_grid_figure(
+            b.grid_clean,
+            b.grid_adv,
+            b.grid_labels,
+            b.grid_pre,
+            b.grid_post,
+            b.class_names,
+            b.cluster_names,
+        )
+        grid_src = figs.save_figure(grid, folder, f"grid_{key}")
+        moved = int(np.sum(np.asarray(b.grid_pre) != np.asarray(b.grid_post)))
+        grid_parts.append(
+            heading
+            + _breakdown_provenance(b)
+            + figure_html(
+                grid_src,
+                f"{len(b.grid_labels)} test images of {b.dataset} (top), perturbed by {b.generator} "
+                f"({b.norm} eps {b.eps:g}, middle) and the perturbation scaled up (bottom). Titles: true class "
+                f"and cluster before; cluster after (red when it changed: {moved} of {len(b.grid_labels)}). "
+                "Names in brackets are the classes clusters match on clean images.",
+            )
+        )
+    return [
+        Section("confusion", title_cm, "\n".join(cm_parts)),
+        Section("grid", title_grid, "\n".join(grid_parts)),
+    ]
+
+
+# ------------------------------------------------------------------ analyses
+def _payload_provenance(result: AnalysisResult, keys: Sequence[str]) -> str:
+    p = result.payload
+    items = {k.replace("_", " "): p.get(k) for k in keys if k in p}
+    for k, v in list(items.items()):
+        if isinstance(v, list | dict):
+            items[k] = json.dumps(v, default=str)
+    return provenance_html(items, [result.run_id])
+
+
+def _norm_curves(result: AnalysisResult, folder: Path) -> str:
+    p = result.payload
+    rows = list(p.get("rows", []))
+    if not rows:
+        raise ValueError("norm_curves payload has no rows")
+    parts = [_payload_provenance(result, ("dataset", "norm", "gradient_source", "seed"))]
+    fig = figs.norm_curves_figure(rows, norm=p.get("norm", ""))
+    src = figs.save_figure(fig, folder, "norm_curves")
+    parts.append(
+        figure_html(
+            src,
+            f"NMI, ARI and ACC after the attack against the perturbation bound eps ({p.get('norm', '')}); eps 0 is the clean score.",
+        )
+    )
+    parts.append(
+        table_html(
+            sorted(rows, key=lambda r: (str(r.get("victim")), float(r.get("eps", 0)))),
+            (
+                Column("victim", "victim", "text"),
+                Column("eps", "eps"),
+                Column("nmi", "NMI pre → post", "arrow"),
+                Column("ari", "ARI pre → post", "arrow"),
+                Column("acc", "ACC pre → post", "arrow"),
+                Column("linf_mean", "mean L∞"),
+                Column("l2_mean", "mean L2"),
+                Column("image_queries", "image-queries", "int"),
+            ),
+            table_id="norm-curves",
+        )
+    )
+    return "\n".join(parts)
+
+
+def _transfer(result: AnalysisResult, folder: Path) -> str:
+    p = result.payload
+    sources, targets = list(p["sources"]), list(p["targets"])
+    parts = [
+        _payload_provenance(
+            result, ("dataset", "norm", "eps", "generators", "image_queries", "test_images", "seed")
+        )
+    ]
+    for metric in _METRICS:
+        post = np.asarray(p["post"][metric], dtype=np.float64)
+        pre = [float(p["pre"][t][metric]) for t in targets]
+        fig = figs.transfer_figure(post, sources, targets, pre, metric=metric)
+        src = figs.save_figure(fig, folder, f"transfer_{metric}")
+        parts.append(
+            figure_html(
+                src,
+                f"{metric.upper()} of each target victim (columns) on images perturbed by the generator trained "
+                "against each source (rows); the diagonal is the attack on its own victim. Bottom row: before the attack.",
+            )
+        )
+        rows = [
+            {"source": s, **{t: post[i, j] for j, t in enumerate(targets)}}
+            for i, s in enumerate(sources)
+        ]
+        rows.append({"source": "(pre-attack)", **{t: v for t, v in zip(targets, pre, strict=True)}})
+        columns = (Column("source", "source \\ target", "text"), *(Column(t, t) for t in targets))
+        parts.append(
+            table_html(
+                rows,
+                columns,
+                caption=f"{metric.upper()} after transfer",
+                table_id=f"transfer-{metric}",
+            )
+        )
+    return "\n".join(parts)
+
+
+def _detection(result: AnalysisResult, folder: Path) -> str:
+    p = result.payload
+    row = dict(p)
+    table = table_html(
+        [row],
+        (
+            Column("victim", "victim", "text"),
+            Column("generator", "generator", "text"),
+            Column("eps", "eps"),
+            Column("norm", "norm", "text"),
+            Column(
+                "detection_rate_mean",
+                "detection rate",
+                "pct",
+                "fraction of injected adversarial images flagged",
+            ),
+            Column("detection_rate_std", "± std", "pct"),
+            Column("fpr_mean", "false-positive rate", "pct"),
+            Column("fpr_std", "± std", "pct"),
+            Column("target_fpr", "target FPR", "pct"),
+            Column("images", "images", "int"),
+            Column("trials", "trials", "int"),
+        ),
+        table_id="detection",
+    )
+    note = (
+        '<p class="note">Anomaly detection (SSD-style: contrastive features, Mahalanobis distance) on test images '
+        f"of which each is perturbed with probability 1/2; {esc(PAPER_DETECTION)}.</p>"
+    )
+    return (
+        _payload_provenance(result, ("dataset", "victim", "generator", "eps", "norm", "seed"))
+        + note
+        + table
+    )
+
+
+def _pca(result: AnalysisResult, folder: Path) -> str:
+    p = result.payload
+    clean, adv = result.arrays.get("clean"), result.arrays.get("adv")
+    if clean is None or adv is None:
+        raise ValueError(
+            f"PCA points file {p.get('points')!r} was not found or lacks arrays 'clean' and 'adv'"
+        )
+    explained = p.get("explained_variance")
+    fig = figs.pca_figure(clean, adv, explained)
+    src = figs.save_figure(fig, folder, "pca")
+    summary = table_html(
+        [
+            {
+                "explained": sum(float(v) for v in explained or []) or None,
+                "overlap": p.get("overlap"),
+                "overlap_method": p.get("overlap_method"),
+                "points": len(clean),
+            }
+        ],  # fmt: skip
+        (
+            Column("explained", "variance explained by PC1-3", "pct"),
+            Column("overlap", "overlap"),
+            Column("overlap_method", "overlap measure", "text"),
+            Column("points", "points per set", "int"),
+        ),
+        table_id="pca",
+    )
+    return (
+        _payload_provenance(result, ("dataset", "victim", "generator", "eps", "norm"))
+        + summary
+        + figure_html(
+            src,
+            "First three principal components of clean and adversarial test images (Fig. 5b): they overlap.",
+        )
+    )
+
+
+def _retraining(result: AnalysisResult, folder: Path) -> str:
+    p = result.payload
+    rows = list(p.get("rows", []))
+    if not rows:
+        raise ValueError("retraining payload has no rows")
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k != "model" and k not in keys]
+    columns = (Column("model", "model", "text"), *(Column(k, k.replace("_", " ")) for k in keys))
+    fresh = p.get("fresh_attack") or {}
+    return (
+        _payload_provenance(result, ("dataset", "victim", "generators", "seed"))
+        + '<p class="note">Footnote 12 of the paper: the victim retrained on adversarial images of the sweep\'s '
+        "generators, scored on clean images, on images of those (old) generators and under a fresh attack "
+        "trained against the retrained model.</p>"
+        + table_html(rows, columns, table_id="retraining")
+        + (provenance_html({f"fresh attack {k}": v for k, v in fresh.items()}) if fresh else "")
+    )
+
+
+#: Kinds whose figures are not redrawn from the payload (it lacks their data): the run's own PNGs are shown.
+_LOGGED_FIGURES = ("detection", "retraining")
+
+
+def _logged_figures(result: AnalysisResult, folder: Path) -> str:
+    parts = []
+    for name, path in sorted(result.figure_files.items()):
+        src = figs.copy_figure(path, folder, f"{result.kind}_{name}")
+        parts.append(figure_html(src, f"{name}: figure logged by analysis run {result.run_id}"))
+    return "\n".join(parts)
+
+
+_ANALYSIS = {
+    "norm_curves": ("Performance against perturbation norm (Fig. 3)", _norm_curves),
+    "transfer": ("Transferability (Fig. 4)", _transfer),
+    "detection": ("Defense: anomaly detection (SSD)", _detection),
+    "pca": ("Clean and adversarial images in PCA space (Fig. 5b)", _pca),
+    "retraining": ("Defense: adversarial retraining (footnote 12)", _retraining),
+}
+
+
+def _analysis_sections(data: ReportData, folder: Path) -> list[Section]:
+    out = []
+    for kind in ANALYSIS_KINDS:
+        title, render = _ANALYSIS[kind]
+        result = data.analyses.get(kind)
+        if result is None:
+            out.append(Section(kind, title, missing_html(data.commands[kind]), False))
+            continue
+        try:
+            body = render(result, folder)
+            if kind in _LOGGED_FIGURES:
+                body += _logged_figures(result, folder)
+            out.append(Section(kind, title, body))
+        except (KeyError, ValueError, TypeError, IndexError) as err:
+            # A malformed payload must not hide the rest of the report: say what is wrong instead.
+            log.warning("cannot render the %s analysis of run %s: %r", kind, result.run_id, err)
+            body = (
+                f'<p class="missing">analysis run <code class="run-id">{esc(result.run_id)}</code> could not be shown: '
+                f"{esc(repr(err))}. Rerun: <code>{esc(data.commands[kind])}</code></p>"
+            )
+            out.append(Section(kind, title, body, False))
+    return out
+
+
+# ------------------------------------------------------------------ page
+def _header(data: ReportData) -> str:
+    items: dict[str, Any] = {"generated": data.generated_at, "MLflow store": data.tracking_uri}
+    if data.dataset:
+        items["dataset"] = data.dataset
+    if data.sweep is not None:
+        items["sweep"] = data.sweep.name
+        for key in ("preset", "gradient_source", "norm"):
+            if key in data.sweep.tags:
+                items[key.replace("_", " ")] = data.sweep.tags[key]
+    runs = [data.sweep.parent_run_id] if data.sweep is not None else []
+    notes = "".join(f'<p class="note">{esc(n)}</p>' for n in data.notes)
+    return provenance_html(items, runs) + notes
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _numbers(data: ReportData) -> dict[str, Any]:
+    """Every number the page shows, by section (``report.json``)."""
+    out: dict[str, Any] = {
+        "title": data.title,
+        "tracking_uri": data.tracking_uri,
+        "generated_at": data.generated_at,
+    }
+    if data.sweep is not None:
+        s = data.sweep
+        out["sweep"] = {"name": s.name, "parent_run_id": s.parent_run_id, "table1": s.table1, "table2": s.table2,
+                        "generators": s.generators}  # fmt: skip
+    out["analyses"] = {
+        k: {"run_id": a.run_id, "payload": a.payload} for k, a in data.analyses.items()
+    }
+    out["breakdowns"] = [
+        {
+            "victim": b.victim,
+            "dataset": b.dataset,
+            "generator": b.generator,
+            "generator_run_id": b.generator_run_id,
+            "n_images": b.n_images,
+            "sample_seed": b.sample_seed,
+            "image_queries": b.image_queries,
+            "scores": b.scores,
+            "confusion_pre": b.confusion_pre,
+            "confusion_post": b.confusion_post,
+        }  # fmt: skip
+        for b in data.breakdowns
+    ]
+    return _jsonable(out)
+
+
+def write_report(data: ReportData, folder: str | Path) -> Path:
+    """Write the report of ``data`` into ``folder`` (created); returns the path of ``index.html``.
+
+    Figures from an earlier report in the same folder are removed first, so every file
+    the page links is one this call wrote.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fig_dir = folder / figs.FIGURE_DIR
+    if fig_dir.is_dir():
+        for old in fig_dir.glob("*.png"):
+            old.unlink()
+    sections = [
+        *_sweep_sections(data),
+        *_breakdown_sections(data, folder),
+        *_analysis_sections(data, folder),
+    ]
+    filled = sum(s.filled for s in sections)
+    footer = (
+        f"{filled} of {len(sections)} sections filled. Every number names its MLflow run; report.json in this "
+        "folder holds them all. Open the runs with: mlflow ui --backend-store-uri "
+        + data.tracking_uri
+    )
+    page = page_html(data.title, sections, header=_header(data), footer=footer)
+    (folder / DATA_FILE).write_text(json.dumps(_numbers(data), indent=1, default=str))
+    index = folder / INDEX
+    tmp = folder / f".{INDEX}.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(index)
+    log.info("report written: %s (%d of %d sections filled)", index, filled, len(sections))
+    return index

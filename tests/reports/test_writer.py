@@ -1,0 +1,121 @@
+"""The report writer on tiny data: every section, escaping, placeholders, figures that exist (no store)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from clusterattack.reports import ANALYSIS_KINDS, AnalysisResult, ReportData, write_report
+from clusterattack.reports.breakdown import grid_indices, ordered_confusions
+from clusterattack.reports.html import Column, esc, figure_html, fmt, table_html
+from tests.reports.helpers import EVIL, cell, full_data, payloads, read_page
+
+SECTIONS = ("table1", "table2", "confusion", "grid", *ANALYSIS_KINDS)
+
+
+def test_esc_and_fmt():
+    assert esc(EVIL) == "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;q&quot;"
+    assert fmt(0.64921) == "0.649"
+    assert fmt(0.6506, "pct") == "65.1%"
+    assert fmt(37000.0, "int") == "37,000"
+    assert fmt(None) == fmt(float("nan")) == "\u2014"
+    assert fmt("linf", "text") == "linf"
+
+
+def test_table_keeps_full_values_and_escapes():
+    html = table_html([{"name": EVIL, "x": 1 / 3, "nmi_pre": 0.7, "nmi_post": 0.1}],
+                      (Column("name", EVIL, "text"), Column("x", "x"), Column("nmi", "NMI", "arrow")))  # fmt: skip
+    assert "<script>" not in html
+    assert f'data-value="{1 / 3!r}"' in html and ">0.333<" in html
+    assert 'data-pre="0.7"' in html and 'data-post="0.1"' in html
+
+
+def test_bad_column_kind_and_absolute_figure_are_rejected():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Column("x", "x", "percent")
+    for src in ("https://cdn.example/x.png", "/etc/x.png"):
+        with pytest.raises(ValueError, match="relative"):
+            figure_html(src, "c")
+
+
+def test_full_report_has_every_section_filled_and_every_image(tmp_path):
+    data = full_data()
+    logged = tmp_path / "scores.png"  # a figure the detection run logged: copied in, not redrawn
+    fig = Figure(figsize=(1, 1))
+    fig.add_subplot().plot([0, 1])
+    fig.savefig(logged)
+    data.analyses["detection"].figure_files = {"scores": logged}
+    index = write_report(data, tmp_path / "rep")
+    page = read_page(index)
+    assert page.sections == {s: True for s in SECTIONS}
+    assert page.scripts == 0, "the page must run no script (and load none)"
+    # confusion, grid, norm curves, 3 transfer heat maps, PCA, the detection run's own figure
+    assert len(page.images) == 8 and "figures/detection_scores.png" in page.images
+    for src in page.images:
+        assert not src.startswith(("/", "http")) and (index.parent / src).is_file(), src
+        assert (index.parent / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    raw = index.read_text()
+    assert "<script>alert" not in raw and esc(EVIL) in raw
+    assert "http://" not in raw and "https://" not in raw
+    # every number shown is also in report.json, with the run it came from
+    numbers = json.loads((index.parent / "report.json").read_text())
+    assert numbers["analyses"]["detection"]["run_id"] == "analysis-detection"
+    assert cell(page, "detection", "detection_rate_mean") == pytest.approx(0.1169)
+    assert cell(page, "table1", "nmi", 1, "data-pre") == numbers["sweep"]["table1"][1]["nmi_pre"]
+    # Table 1 rows carry the query counts of the matching Table 2 row
+    assert cell(page, "table1", "image_queries", 1) == 5256
+
+
+def test_missing_inputs_show_the_command(tmp_path):
+    data = ReportData(
+        title="empty", tracking_uri="sqlite:///x.db", generated_at="now", dataset="tiny"
+    )
+    data.commands["transfer"] = f"python jobs/transfer.py --x {EVIL}"
+    index = write_report(data, tmp_path)
+    page = read_page(index)
+    assert page.sections == {s: False for s in SECTIONS}
+    assert page.images == []
+    raw = index.read_text()
+    assert raw.count("not run yet") >= len(SECTIONS)
+    assert "python jobs/sweep.py --preset demo" in raw
+    assert f"python jobs/transfer.py --x {esc(EVIL)}" in raw
+
+
+def test_malformed_payload_is_reported_not_raised(tmp_path):
+    bad = dict(payloads()["transfer"])
+    del bad["post"]
+    data = ReportData(title="t", tracking_uri="u", generated_at="now", dataset="tiny",
+                      analyses={"transfer": AnalysisResult("transfer", "run-bad", bad)})  # fmt: skip
+    page = read_page(write_report(data, tmp_path))
+    assert page.sections["transfer"] is False
+    assert "run-bad" in "".join(page.text) and "could not be shown" in "".join(page.text)
+
+
+def test_rewriting_a_folder_drops_stale_figures(tmp_path):
+    write_report(full_data(), tmp_path)
+    stale = tmp_path / "figures" / "old.png"
+    stale.write_bytes(b"x")
+    write_report(ReportData(title="t", tracking_uri="u", generated_at="now"), tmp_path)
+    assert not stale.exists() and not list((tmp_path / "figures").glob("*.png"))
+
+
+def test_ordered_confusions_share_the_clean_order():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    before = np.array([2, 2, 0, 0, 1, 1])  # class 0 -> cluster 2, class 1 -> 0, class 2 -> 1
+    after = np.array([2, 2, 2, 2, 2, 1])
+    pre, post, order = ordered_confusions(labels, before, after, 3, 4)
+    assert order.tolist() == [2, 0, 1, 3]
+    assert np.array_equal(pre[:, :3], np.diag([2, 2, 2])) and pre[:, 3].sum() == 0
+    assert post[:, 0].tolist() == [2, 2, 1] and post.sum() == 6
+
+
+def test_grid_indices_cover_classes_and_are_seeded():
+    labels = np.repeat(np.arange(4), 5)
+    pick = grid_indices(labels, 6, seed=3)
+    assert len(set(pick.tolist())) == 6 and set(labels[pick]) == {0, 1, 2, 3}
+    assert np.array_equal(pick, grid_indices(labels, 6, seed=3))
+    with pytest.raises(ValueError, match="at least 1"):
+        grid_indices(labels, 0, seed=0)
