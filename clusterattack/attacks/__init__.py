@@ -2,8 +2,10 @@
 
 ``run_attack`` trains a generator against a victim (anything with ``predict_proba``) and
 evaluates it on a test split; ``AttackConfig`` holds every setting, validated when built.
+``make_baseline`` gives the per-image score-based baselines (NES, SPSA, Square).
 """
 
+from clusterattack.attacks.baselines import BASELINES, make_baseline
 from clusterattack.attacks.config import AttackConfig, EstimatorConfig, SurrogateConfig
 from clusterattack.attacks.counting import CountingVictim, calls_of, read_counts
 from clusterattack.attacks.discriminator import Discriminator
@@ -30,6 +32,7 @@ from clusterattack.attacks.losses import (
 from clusterattack.attacks.run import AttackReport, evaluate_generator, run_attack
 
 __all__ = [
+    "BASELINES",
     "AttackConfig",
     "AttackReport",
     "AttackResult",
@@ -48,6 +51,7 @@ __all__ = [
     "constraint_penalty",
     "evaluate_attack",
     "evaluate_generator",
+    "make_baseline",
     "make_gradient_source",
     "perturb_images",
     "perturbation_norms",
