@@ -28,24 +28,15 @@ from typing import Any
 from clusterattack.api.attack import ApiAttackConfig, attack_service, train_offline
 from clusterattack.api.grouping import GROUPING_METHODS, GroupingSpec
 from clusterattack.attacks.config import ATTACK_LOSSES, NORMS, AttackConfig
+from clusterattack.cli import key_value
 
 log = logging.getLogger("jobs.api_attack")
-
-
-def _option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist", help="registered data set or folder:PATH")
-    p.add_argument("--dataset-option", dest="dataset_options", type=_option, action="append", default=[],
+    p.add_argument("--dataset-option", dest="dataset_options", type=key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="reader option, repeatable: --dataset-option size=32 "
                    "--dataset-option 'exclude=[\"*Ambient*\"]' (image folders)")
     service = p.add_argument_group("the service (hidden from the attack, recorded for the experimenter)")
@@ -75,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     attacker.add_argument("--alpha-a", type=float, default=None, help="weight of the attack term (alpha_a)")
     attacker.add_argument("--attack-epochs", type=int, default=5, help="generator epochs")
     attacker.add_argument("--attack-train-limit", type=int, default=None, help="training images the generator sees")
-    attacker.add_argument("--set", dest="overrides", type=_option, action="append", default=[],
+    attacker.add_argument("--set", dest="overrides", type=key_value, action="append", default=[],
                           metavar="KEY=VALUE", help="any AttackConfig field, repeatable")
     attacker.add_argument("--no-quantize", action="store_true", help="upload float pixels, not 8-bit ones")
     p.add_argument("--draws", type=int, default=10)

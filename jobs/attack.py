@@ -21,19 +21,10 @@ import torch
 from clusterattack.attacks import AttackConfig, CountingVictim, run_attack
 from clusterattack.attacks.config import ATTACK_LOSSES, GAN_LOSSES, GRADIENT_SOURCES, NORMS
 from clusterattack.attacks.io import save_generator
+from clusterattack.cli import key_value
 from clusterattack.precision import PRECISIONS
 
 log = logging.getLogger("jobs.attack")
-
-
-def _option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)  # numbers, booleans, lists
-    except ValueError:
-        return key, value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--set",
         dest="overrides",
-        type=_option,
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",

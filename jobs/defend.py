@@ -14,24 +14,14 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any
 
 import torch
 
 from clusterattack.analyses.common import CHEAP_ATTACK
 from clusterattack.attacks.config import GRADIENT_SOURCES, NORMS
+from clusterattack.cli import key_value
 
 log = logging.getLogger("jobs.defend")
-
-
-def _option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="gradient source of the fresh attack")
     r.add_argument("--fresh-eps", type=float, default=CHEAP_ATTACK.eps)
     r.add_argument("--fresh-norm", choices=NORMS, default=CHEAP_ATTACK.norm)
-    r.add_argument("--set", dest="overrides", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    r.add_argument("--set", dest="overrides", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="any AttackConfig field of the fresh attack")
     return p.parse_args(argv)
 

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
 import numpy as np
 
+from clusterattack.cli import key_value
 from clusterattack.data import DatasetError, ingest_dataset, list_datasets, read_parquet_dataset
-
-
-def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)  # numbers, lists, true/false
-    except ValueError:
-        return key, value  # plain strings need no quotes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace a data set at --out")
     parser.add_argument(
         "--opt",
-        type=_option,
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",

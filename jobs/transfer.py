@@ -23,6 +23,7 @@ import torch
 
 from clusterattack.analyses.common import CHEAP_ATTACK
 from clusterattack.attacks.config import ATTACK_LOSSES, GRADIENT_SOURCES, NORMS, AttackConfig
+from clusterattack.cli import key_value
 
 log = logging.getLogger("jobs.transfer")
 
@@ -32,14 +33,6 @@ def _pair(text: str) -> tuple[str, str]:
     if not sep or not key or not value:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     return key, value
-
-
-def _option(text: str) -> tuple[str, Any]:
-    key, value = _pair(text)
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--attack-loss", choices=ATTACK_LOSSES, default=None)
     common.add_argument("--epochs", type=int, default=None, help="generator epochs (default: CHEAP_ATTACK's)")
     common.add_argument("--train-limit", type=int, default=None, help="training images per generator")
-    common.add_argument("--set", dest="overrides", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    common.add_argument("--set", dest="overrides", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="any AttackConfig field of generators trained here")
     common.add_argument("--test-limit", type=int, default=None)
     common.add_argument("--seed", type=int, default=0)

@@ -7,9 +7,7 @@ import torch
 from torch import nn
 
 from clusterattack.attacks import AttackConfig
-
-SHAPE = (1, 8, 8)
-K = 3
+from tests.attacks.conftest import make_blobs, one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 class TinyVictim(nn.Module):
@@ -34,23 +32,6 @@ class TinyVictim(nn.Module):
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self(x), dim=1)
-
-
-def make_blobs(n: int, shape=SHAPE, k: int = K, spread: float = 0.1, noise: float = 0.25, seed: int = 0):
-    """Images around k random prototypes in [0, 1]; returns (images, labels, prototypes)."""
-    g = torch.Generator().manual_seed(seed)
-    prototypes = (0.5 + spread * torch.randn(k, *shape, generator=g)).clamp(0, 1)
-    labels = torch.randint(0, k, (n,), generator=g)
-    images = (prototypes[labels] + noise * torch.randn(n, *shape, generator=g)).clamp(0, 1)
-    return images, labels, prototypes
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
