@@ -375,6 +375,26 @@ class BudgetLedger:
         self._notify(status)
         return Reservation(key_id, request_id, images, status.remaining, replayed=False)
 
+    def reserve_many(self, calls: list[tuple]) -> list[Reservation | ServingError]:
+        """``reserve`` for each argument tuple, in order, each in its own transaction.
+
+        One actor call for all the reservations a replica has waiting: the decisions and
+        their order are those of the same calls made one by one, and a refused one is
+        returned as its error (not raised) so the others still count.
+        """
+        return [self._captured(self.reserve, args) for args in calls]
+
+    def commit_many(self, calls: list[tuple]) -> list[Reservation | ServingError]:
+        """``commit`` for each argument tuple, in order (see ``reserve_many``)."""
+        return [self._captured(self.commit, args) for args in calls]
+
+    @staticmethod
+    def _captured(method, args: tuple) -> Reservation | ServingError:
+        try:
+            return method(*args)
+        except ServingError as exc:
+            return exc
+
     def refund(self, key_hash: str, request_id: str) -> bool:
         """Give back the images of a reservation whose request failed; False if not reserved.
 

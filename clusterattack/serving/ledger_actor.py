@@ -176,13 +176,59 @@ class AsyncLedgerClient:
     because every call is idempotent per request id.
     """
 
+    # Calls a replica makes for every request: while one is on its way to the actor, the
+    # next ones wait and then travel together (``reserve_many``/``commit_many``), so a
+    # replica with many requests in flight pays one actor round trip per wave, not one
+    # per request; a lone request goes at once, as before.
+    COALESCED = ("reserve", "commit")
+
     def __init__(self, config: LedgerConfig, *, attempts: int = 3) -> None:
         self.config = config
         self._attempts = attempts
         self._actor = get_ledger(config)
+        self._waiting: dict[str, list[tuple[tuple, asyncio.Future]]] = {m: [] for m in self.COALESCED}
+        self._sending: dict[str, bool] = dict.fromkeys(self.COALESCED, False)
+        self.actor_calls = 0  # round trips made (a coalesced wave counts once)
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method in self.COALESCED and not kwargs:
+            return await self._coalesced(method, args)
+        return await self._call_once(method, *args, **kwargs)
+
+    async def _coalesced(self, method: str, args: tuple) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[method].append((args, future))
+        if not self._sending[method]:
+            self._sending[method] = True
+            asyncio.ensure_future(self._send_waves(method))
+        return await future
+
+    async def _send_waves(self, method: str) -> None:
+        try:
+            while self._waiting[method]:
+                wave, self._waiting[method] = self._waiting[method], []
+                try:
+                    answers = await self._call_once(f"{method}_many", [args for args, _ in wave])
+                except BaseException as exc:  # the whole wave failed: each caller gets the error
+                    for _, future in wave:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for (_, future), answer in zip(wave, answers, strict=True):
+                    if future.done():  # its request was cancelled meanwhile
+                        continue
+                    if isinstance(answer, BaseException):
+                        future.set_exception(unwrap_error(answer))
+                    else:
+                        future.set_result(answer)
+        finally:
+            self._sending[method] = False
+
+    async def _call_once(self, method: str, *args: Any, **kwargs: Any) -> Any:
         for attempt in range(self._attempts):
+            self.actor_calls += 1
             try:
                 return await getattr(self._actor, method).remote(*args, **kwargs)
             except ServingError as exc:

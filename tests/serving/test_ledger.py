@@ -256,3 +256,20 @@ def test_on_change_reports_every_charge(tmp_path):
 def test_ledger_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LedgerConfig(**kwargs)
+
+
+def test_reserve_many_decides_in_order_and_returns_refusals_as_values(ledger):
+    key = ledger.create_key("a", budget=10)
+    h = hash_api_key(key.api_key)
+    answers = ledger.reserve_many(
+        [(h, 4, "r1", "d1"), (h, 7, "r2", "d2"), (h, 6, "r3", "d3"), (h, 4, "r1", "other"), ("nokey", 1, "r4", "d4")]
+    )
+    assert answers[0].images == 4 and answers[0].remaining == 6
+    assert isinstance(answers[1], BudgetExceeded) and answers[1].remaining == 6  # 7 > 6: nothing charged
+    assert answers[2].images == 6 and answers[2].remaining == 0  # fits after the refusal
+    assert isinstance(answers[3], RequestConflict)  # r1 again with other images
+    assert isinstance(answers[4], Unauthorized)
+    commits = ledger.commit_many([(h, "r1"), (h, "r3"), (h, "never")])
+    assert [c.request_id for c in commits[:2]] == ["r1", "r3"]
+    assert "no reservation" in str(commits[2])
+    assert ledger.audit(key.key_id) == {"reserved": 0, "committed": 10, "refunded": 0, "used": 10}
