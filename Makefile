@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_system_deps.sh
 
 demo: setup
 	$(PY) jobs/sweep.py --preset demo
+	$(PY) jobs/report.py
 
 test: setup
 	$(PY) -m pytest
