@@ -162,6 +162,13 @@ def report(outcome: Any) -> None:
          "calls_256_at_convergence", "budget", "sweep_trials", "sweep_generator_epochs", "sweep_image_queries"],
         "Table 2: query complexity (best trial; calls_256 = image-queries / 256, the paper's unit)",
     )  # fmt: skip
+    if outcome.table3:
+        print_table(
+            outcome.table3,
+            ["model", "dataset", "eps", "alpha_a", "alpha_c", "nmi_pre", "nmi_post", "nmi_drop",
+             "epochs_run", "image_queries", "trial"],
+            "eps trade-off: trials no smaller-eps trial beats (Table 1 takes the lowest NMI, so the largest eps)",
+        )  # fmt: skip
     if outcome.skipped:
         print(f"\nskipped (data set not present): {', '.join(outcome.skipped)}")
     print("\nregistered generators: " + (", ".join(outcome.generators.values()) or "none"))

@@ -53,6 +53,7 @@ class SweepOutcome:
     interrupted: bool = False
     table1: list[dict[str, Any]] = field(default_factory=list)
     table2: list[dict[str, Any]] = field(default_factory=list)
+    table3: list[dict[str, Any]] = field(default_factory=list)
     tables: dict[str, dict[str, Path]] = field(default_factory=dict)
     generators: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -292,6 +293,7 @@ def app_suffix(experiment: str) -> str:
 def _collect(outcome: SweepOutcome, done: dict[str, Any]) -> None:
     outcome.table1.append(done["table1"])
     outcome.table2.append(done["table2"])
+    outcome.table3.extend(done.get("table3", []))  # absent in a sweep state saved before it existed
     if done.get("generator"):
         outcome.generators[f"{done['table1']['model']}-{done['table1']['dataset']}"] = done["generator"]
 
@@ -422,7 +424,7 @@ def _summarise_target(
     grid: Any,
 ) -> dict[str, Any]:
     """Best trial, table rows and the registered generator of one finished target."""
-    from clusterattack.tuning.summary import TrialSummary, query_row, result_row
+    from clusterattack.tuning.summary import TrialSummary, eps_tradeoff_rows, query_row, result_row
 
     trials = []
     for result in grid:
@@ -437,7 +439,13 @@ def _summarise_target(
     row1 = result_row(target.model, target.dataset, target.victim_version, best, config.attack, len(trials))
     row1["victim_nmi"] = target.victim_scores.get("nmi")
     row2 = query_row(target.model, target.dataset, best, config.attack, config.budget, trials)
-    done: dict[str, Any] = {"done": True, "table1": row1, "table2": row2, "best_trial": best_id}
+    done: dict[str, Any] = {
+        "done": True,
+        "table1": row1,
+        "table2": row2,
+        "table3": eps_tradeoff_rows(target.model, target.dataset, reported, config.attack),
+        "best_trial": best_id,
+    }
     if config.register_generators and best_result.checkpoint is not None:
         done["generator"] = _register_generator(config, recorder, outcome, target, best_result, row1)
     prefix = f"{target.model}-{target.dataset}"
@@ -475,12 +483,14 @@ def _register_generator(
 
 
 def _finish(config: SweepConfig, state: dict[str, Any], folder: Path, recorder: Any, outcome: SweepOutcome) -> None:
-    from clusterattack.tuning.summary import TABLE1, TABLE2
+    from clusterattack.tuning.summary import TABLE1, TABLE2, TABLE3
 
     tables = folder / "tables"
     if outcome.table1:
         outcome.tables[TABLE1] = recorder.log_table(outcome.parent_run_id, outcome.table1, TABLE1, tables)
         outcome.tables[TABLE2] = recorder.log_table(outcome.parent_run_id, outcome.table2, TABLE2, tables)
+    if outcome.table3:
+        outcome.tables[TABLE3] = recorder.log_table(outcome.parent_run_id, outcome.table3, TABLE3, tables)
     totals = {
         "trials": sum(r["sweep_trials"] for r in outcome.table2),
         "generator_epochs": sum(r["sweep_generator_epochs"] for r in outcome.table2),

@@ -8,6 +8,7 @@ from clusterattack.attacks.config import AttackConfig
 from clusterattack.tuning.summary import (
     TrialSummary,
     convergence,
+    eps_tradeoff_rows,
     query_row,
     result_row,
     sweep_totals,
@@ -51,3 +52,26 @@ def test_rows_record_the_attack_its_scores_and_the_sweep_spend():
     assert row2["image_queries"] == 500 and row2["calls_256"] == 2 and row2["calls"] == 8
     assert row2["sweep_generator_epochs"] == 3 and row2["sweep_image_queries"] == 900
     assert sweep_totals([]) == {"sweep_trials": 0, "sweep_generator_epochs": 0, "sweep_image_queries": 0}
+
+
+def test_eps_tradeoff_keeps_the_trials_no_smaller_eps_beats():
+    attack = AttackConfig(eps=0.1, seed=1)
+
+    def trial(name, eps, nmi_post, epochs=2):
+        return TrialSummary(name, {"eps": eps, "alpha_a": 3.0}, [_row(e, 1.0, 100 * e, nmi_post) for e in range(1, epochs + 1)])
+
+    trials = [
+        trial("big", 0.2, 0.05),
+        trial("small", 0.05, 0.50),
+        trial("mid-worse", 0.12, 0.55),  # a larger eps that did worse than "small": dominated
+        trial("mid", 0.1, 0.30, epochs=1),  # stopped early by ASHA, still on the front
+        trial("tie", 0.1, 0.35),  # same eps as "mid", higher NMI: dominated
+        TrialSummary("never-reported", {"eps": 0.01}, []),
+    ]
+    rows = eps_tradeoff_rows("cc", "fashion_mnist", trials, attack)
+    assert [(r["trial"], r["eps"], r["nmi_post"]) for r in rows] == [
+        ("small", 0.05, 0.50), ("mid", 0.1, 0.30), ("big", 0.2, 0.05),
+    ]
+    assert rows[1]["epochs_run"] == 1 and rows[1]["image_queries"] == 100
+    assert all(r["seed"] == 1 and r["alpha_a"] == 3.0 and r["model"] == "cc" for r in rows)
+    assert eps_tradeoff_rows("cc", "fashion_mnist", [], attack) == []

@@ -73,7 +73,7 @@ def test_sweep_records_parent_trials_tables_and_best_generator(swept):
     import pandas as pd
     import torch
 
-    from clusterattack.tuning.summary import TABLE1, TABLE2
+    from clusterattack.tuning.summary import TABLE1, TABLE2, TABLE3
     from tests.tuning.helpers import sweep_runs
 
     tmp, config, outcome, _ = swept
@@ -114,6 +114,13 @@ def test_sweep_records_parent_trials_tables_and_best_generator(swept):
     assert float(table1["nmi_post"].iloc[0]) <= best_nmi + 1e-9
     table2 = pd.read_csv(outcome.tables[TABLE2]["csv"])
     assert int(table2["calls_256"].iloc[0]) == -(-int(table2["image_queries"].iloc[0]) // 256)
+    # The eps trade-off: NMI after the attack falls strictly as eps grows along the front,
+    # it ends at Table 1's best trial, and every row is a trial run of this sweep.
+    assert {f"tables/{TABLE3}.csv", f"tables/{TABLE3}.parquet"} <= artifacts
+    front = pd.read_csv(outcome.tables[TABLE3]["csv"])
+    assert list(front["eps"]) == sorted(front["eps"]) and front["nmi_post"].is_monotonic_decreasing
+    assert front["trial"].iloc[-1] == table1["best_trial"].iloc[0]
+    assert set(front["trial"]) <= {c.data.tags["trial_id"] for c in children}
 
     # The best generator is registered and perturbs 8x8 digits.
     version = client.get_model_version("generator-cc-digits", "1")
