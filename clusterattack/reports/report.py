@@ -94,6 +94,8 @@ class SweepTables:
     )  # "<model>-<dataset>" -> "<name>/<version>"
     tags: dict[str, str] = field(default_factory=dict)
     totals: dict[str, float] = field(default_factory=dict)
+    # The eps trade-off (``table3_eps_tradeoff``; absent from sweeps made before it existed).
+    table3: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -212,6 +214,21 @@ TABLE2_COLUMNS = (
 )
 
 
+TABLE3_COLUMNS = (
+    Column("model", "victim", "text"),
+    Column("dataset", "dataset", "text"),
+    Column("eps", "eps"),
+    Column("alpha_a", "alpha_a"),
+    Column("alpha_c", "alpha_c"),
+    Column("nmi", "NMI pre → post", "arrow"),
+    Column("nmi_drop", "NMI drop", "pct"),
+    Column("epochs_run", "epochs", "int", "generator epochs the trial ran (ASHA may stop it early)"),
+    Column("image_queries", "image-queries", "int"),
+    Column("trial", "trial", "text"),
+    Column("run_id", "MLflow run", "text"),
+)
+
+
 def _table1_rows(tables: SweepTables) -> list[dict[str, Any]]:
     """Table 1 rows with the query counts of the matching Table 2 row (same model and dataset)."""
     queries = {(r.get("model"), r.get("dataset")): r for r in tables.table2}
@@ -259,6 +276,13 @@ def _sweep_sections(data: ReportData) -> list[Section]:
         if tables.table2
         else "<p>no rows</p>"
     )
+    if tables.table3:
+        t1 += (
+            "<h3>eps trade-off</h3><p class=\"note\">The best trial takes the lowest NMI after the "
+            "attack, which the largest eps nearly always wins; these are the trials that no trial with "
+            "an eps as small beats (artifact <code>tables/table3_eps_tradeoff.*</code>).</p>"
+            + table_html(tables.table3, TABLE3_COLUMNS, table_id="table3")
+        )
     return [
         Section(
             "table1", "Table 1: attack effect (NMI, ARI, ACC before → after)", source + note1 + t1
@@ -660,6 +684,7 @@ def _numbers(data: ReportData) -> dict[str, Any]:
     if data.sweep is not None:
         s = data.sweep
         out["sweep"] = {"name": s.name, "parent_run_id": s.parent_run_id, "table1": s.table1, "table2": s.table2,
+                        "table3": s.table3,
                         "generators": s.generators}  # fmt: skip
     out["analyses"] = {
         k: {"run_id": a.run_id, "payload": a.payload} for k, a in data.analyses.items()

@@ -56,6 +56,7 @@ REPORT_EXPERIMENT = "reports"
 REPORT_TAG = "report.run_id"
 TABLE1 = "table1_attack"
 TABLE2 = "table2_queries"
+TABLE3 = "table3_eps_tradeoff"
 _DEFAULT_EVAL_LIMIT = 1000
 
 
@@ -126,6 +127,7 @@ def read_sweep(
     with tempfile.TemporaryDirectory() as tmp:
         table1 = _read_table(client, run_id, TABLE1, Path(tmp))
         table2 = _read_table(client, run_id, TABLE2, Path(tmp))
+        table3 = _read_table(client, run_id, TABLE3, Path(tmp))
         path = _download(client, run_id, "sweep_config.json", tmp)
         config = json.loads(path.read_text()) if path is not None else {}
     exp_id = parent.info.experiment_id
@@ -135,9 +137,12 @@ def read_sweep(
     trial_runs = {r.data.tags.get(TRIAL_TAG): r.info.run_id for r in children}
     for row in (*table1, *table2):
         row["run_id"] = trial_runs.get(str(row.get("best_trial")))
+    for row in table3:
+        row["run_id"] = trial_runs.get(str(row.get("trial")))
     if dataset is not None:
         table1 = [r for r in table1 if r.get("dataset") == dataset]
         table2 = [r for r in table2 if r.get("dataset") == dataset]
+        table3 = [r for r in table3 if r.get("dataset") == dataset]
     tags = dict(parent.data.tags)
     generators = {
         k.removeprefix("generator."): v for k, v in tags.items() if k.startswith("generator.")
@@ -150,6 +155,7 @@ def read_sweep(
         generators=generators,
         tags={k: v for k, v in tags.items() if not k.startswith("mlflow.")},
         totals=dict(parent.data.metrics),
+        table3=table3,
     )
     return tables, config
 

@@ -119,3 +119,22 @@ def test_grid_indices_cover_classes_and_are_seeded():
     assert np.array_equal(pick, grid_indices(labels, 6, seed=3))
     with pytest.raises(ValueError, match="at least 1"):
         grid_indices(labels, 0, seed=0)
+
+
+def test_eps_tradeoff_rows_are_shown_under_table1_with_their_runs(tmp_path):
+    data = full_data()
+    index = write_report(data, tmp_path / "without")
+    assert "table3" not in read_page(index).cells  # a sweep from before the table existed
+    data.sweep.table3 = [
+        {"model": "cc", "dataset": "tiny", "eps": 0.05, "alpha_a": 2.0, "alpha_c": 1.0, "nmi_pre": 0.61,
+         "nmi_post": 0.48, "nmi_drop": 0.2131, "epochs_run": 2, "image_queries": 3000, "trial": "t_00003", "run_id": "run7"},
+        {"model": "cc", "dataset": "tiny", "eps": 0.1, "alpha_a": 10.0, "alpha_c": 1.0, "nmi_pre": 0.61,
+         "nmi_post": 0.21, "nmi_drop": 0.6557, "epochs_run": 3, "image_queries": 5000, "trial": "t_00000", "run_id": "run0"},
+    ]  # fmt: skip
+    index = write_report(data, tmp_path / "with")
+    page = read_page(index)
+    assert page.sections["table1"]
+    assert cell(page, "table3", "eps", 0) == pytest.approx(0.05)
+    assert cell(page, "table3", "nmi", 1, "data-post") == pytest.approx(0.21)
+    assert cell(page, "table3", "image_queries", 1) == 5000
+    assert json.loads((index.parent / "report.json").read_text())["sweep"]["table3"][0]["trial"] == "t_00003"
