@@ -59,7 +59,12 @@ from clusterattack.serving.errors import (
     Unauthorized,
     unwrap_error,
 )
-from clusterattack.serving.http_models import BudgetResponse, ErrorResponse, PredictJSONRequest
+from clusterattack.serving.http_common import (
+    IMAGES_REQUEST_BODY,
+    error_responses,
+    render_serving_error,
+)
+from clusterattack.serving.http_models import BudgetResponse
 from clusterattack.serving.ledger import hash_api_key
 from clusterattack.serving.ledger_actor import AsyncLedgerClient, LedgerConfig
 from clusterattack.serving.metrics import ServingMetrics
@@ -73,10 +78,6 @@ __all__ = ["AlbumDeployment", "ModelSource", "load_grouping_model", "store_actor
 ModelSource = str | Callable[[], torch.nn.Module] | torch.nn.Module
 
 
-def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorResponse} for code in codes}
-
-
 api = FastAPI(
     title="clusterattack album service",
     version="1",
@@ -87,12 +88,7 @@ api = FastAPI(
     ),
 )
 api_key_scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="attacker API key")
-
-
-@api.exception_handler(ServingError)
-async def _render_serving_error(request: Request, exc: ServingError) -> JSONResponse:
-    exc = unwrap_error(exc)
-    return JSONResponse(exc.to_payload(), status_code=exc.status_code, headers=exc.headers())
+api.add_exception_handler(ServingError, render_serving_error)
 
 
 @api.exception_handler(RequestValidationError)
@@ -105,15 +101,6 @@ async def _render_validation_error(request: Request, exc: RequestValidationError
     return JSONResponse(error.to_payload(), status_code=422)
 
 
-_IMAGES_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            schema.NPY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
-            schema.JSON_MEDIA_TYPE: {"schema": PredictJSONRequest.model_json_schema()},
-        },
-    }
-}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -332,7 +319,7 @@ class AlbumDeployment:
         "/v1/albums",
         status_code=201,
         response_model=AlbumSummary,
-        responses=_error_responses(400, 401, 403, 409, 422),
+        responses=error_responses(400, 401, 403, 409, 422),
         summary="Create an empty album; its token addresses it from now on",
     )
     async def http_create(
@@ -343,15 +330,15 @@ class AlbumDeployment:
     ) -> dict[str, Any]:
         return await self.create_album(api_key, body.name if body else None, request_id)
 
-    @api.get("/v1/albums", response_model=list[AlbumSummary], responses=_error_responses(401, 403))
+    @api.get("/v1/albums", response_model=list[AlbumSummary], responses=error_responses(401, 403))
     async def http_list(self, api_key: str | None = Security(api_key_scheme)) -> list[dict[str, Any]]:
         return await self.list_albums(api_key)
 
     @api.post(
         "/v1/albums/{album_token}/images",
         response_model=AddImagesResponse,
-        openapi_extra=_IMAGES_BODY,
-        responses=_error_responses(400, 401, 403, 404, 409, 413, 415, 422, 429),
+        openapi_extra=IMAGES_REQUEST_BODY,
+        responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 429),
         summary="Add images (.npy or JSON, N x C x H x W floats in [0, 1]); one image-query each",
     )
     async def http_add(
@@ -376,7 +363,7 @@ class AlbumDeployment:
     @api.post(
         "/v1/albums/{album_token}/group",
         response_model=AlbumSummary,
-        responses=_error_responses(401, 403, 404, 409),
+        responses=error_responses(401, 403, 404, 409),
         summary="Group every image of the album (free); read the groups with GET",
     )
     async def http_group(
@@ -387,7 +374,7 @@ class AlbumDeployment:
     @api.get(
         "/v1/albums/{album_token}",
         response_model=AlbumDetail,
-        responses=_error_responses(401, 403, 404),
+        responses=error_responses(401, 403, 404),
         summary="The album's images with their group ids",
     )
     async def http_detail(
@@ -399,7 +386,7 @@ class AlbumDeployment:
         "/v1/albums/{album_token}",
         status_code=204,
         response_class=Response,
-        responses=_error_responses(401, 403, 404),
+        responses=error_responses(401, 403, 404),
     )
     async def http_delete(
         self, album_token: str, api_key: str | None = Security(api_key_scheme)
@@ -407,10 +394,10 @@ class AlbumDeployment:
         await self.delete_album(api_key, album_token)
         return Response(status_code=204)
 
-    @api.get("/v1/info", response_model=AlbumServiceInfo, responses=_error_responses(401, 403))
+    @api.get("/v1/info", response_model=AlbumServiceInfo, responses=error_responses(401, 403))
     async def http_info(self, api_key: str | None = Security(api_key_scheme)) -> dict[str, Any]:
         return await self.info(api_key)
 
-    @api.get("/v1/budget", response_model=BudgetResponse, responses=_error_responses(401, 403))
+    @api.get("/v1/budget", response_model=BudgetResponse, responses=error_responses(401, 403))
     async def http_budget(self, api_key: str | None = Security(api_key_scheme)) -> dict[str, Any]:
         return await self.budget(api_key)

@@ -43,15 +43,18 @@ from clusterattack.serving.errors import (
     Unauthorized,
     unwrap_error,
 )
+from clusterattack.serving.http_common import (
+    IMAGES_REQUEST_BODY,
+    error_responses,
+    render_serving_error,
+)
 from clusterattack.serving.http_models import (
     BudgetResponse,
     CreateKeyRequest,
-    ErrorResponse,
     GrantRequest,
     InfoResponse,
     IssuedKeyResponse,
     LabelsResponse,
-    PredictJSONRequest,
     ResetRequest,
     ScoresResponse,
 )
@@ -72,10 +75,6 @@ _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 VictimSource = str | Callable[[], torch.nn.Module] | torch.nn.Module
 
 
-def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorResponse} for code in codes}
-
-
 api = FastAPI(
     title="clusterattack victim",
     version="1",
@@ -87,23 +86,9 @@ api = FastAPI(
 api_key_scheme = APIKeyHeader(
     name=API_KEY_HEADER, auto_error=False, description="attacker or admin API key"
 )
+api.add_exception_handler(ServingError, render_serving_error)
 
 
-@api.exception_handler(ServingError)
-async def _render_serving_error(request: Request, exc: ServingError) -> JSONResponse:
-    exc = unwrap_error(exc)
-    return JSONResponse(exc.to_payload(), status_code=exc.status_code, headers=exc.headers())
-
-
-_PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            schema.NPY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
-            schema.JSON_MEDIA_TYPE: {"schema": PredictJSONRequest.model_json_schema()},
-        },
-    }
-}
 _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the mode's output only: scores (N x K) or labels (N)",
@@ -116,7 +101,7 @@ _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
             schema.NPY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
         },
     },
-    **_error_responses(400, 401, 403, 409, 413, 415, 422, 429),
+    **error_responses(400, 401, 403, 409, 413, 415, 422, 429),
 }
 
 
@@ -312,7 +297,7 @@ class VictimDeployment:
     @api.post(
         "/v1/predict",
         summary="Cluster memberships (scores mode) or cluster ids (labels mode) of images",
-        openapi_extra=_PREDICT_BODY,
+        openapi_extra=IMAGES_REQUEST_BODY,
         responses=_PREDICT_RESPONSES,
         response_class=Response,
     )
@@ -334,16 +319,16 @@ class VictimDeployment:
             return Response(schema.to_npy(out), media_type=schema.NPY_MEDIA_TYPE, headers=headers)
         return JSONResponse({self._config.mode: out.tolist()}, headers=headers)
 
-    @api.get("/v1/info", response_model=InfoResponse, responses=_error_responses(401))
+    @api.get("/v1/info", response_model=InfoResponse, responses=error_responses(401))
     async def http_info(self, api_key: str | None = Security(api_key_scheme)) -> dict[str, Any]:
         return await self.info(api_key)
 
-    @api.get("/v1/budget", response_model=BudgetResponse, responses=_error_responses(401, 403))
+    @api.get("/v1/budget", response_model=BudgetResponse, responses=error_responses(401, 403))
     async def http_budget(self, api_key: str | None = Security(api_key_scheme)) -> dict[str, Any]:
         return await self.budget(api_key)
 
     @api.get(
-        "/admin/keys", response_model=list[BudgetResponse], responses=_error_responses(401, 403)
+        "/admin/keys", response_model=list[BudgetResponse], responses=error_responses(401, 403)
     )
     async def http_list_keys(self, api_key: str | None = Security(api_key_scheme)) -> list[dict]:
         await self._key_status(api_key, "admin")
@@ -353,7 +338,7 @@ class VictimDeployment:
         "/admin/keys",
         status_code=201,
         response_model=IssuedKeyResponse,
-        responses=_error_responses(400, 401, 403, 409),
+        responses=error_responses(400, 401, 403, 409),
     )
     async def http_create_key(
         self, body: CreateKeyRequest, api_key: str | None = Security(api_key_scheme)
@@ -372,7 +357,7 @@ class VictimDeployment:
     @api.post(
         "/admin/keys/{key_id}/grant",
         response_model=BudgetResponse,
-        responses=_error_responses(400, 401, 403, 404),
+        responses=error_responses(400, 401, 403, 404),
     )
     async def http_grant(
         self, key_id: str, body: GrantRequest, api_key: str | None = Security(api_key_scheme)
@@ -383,7 +368,7 @@ class VictimDeployment:
     @api.post(
         "/admin/keys/{key_id}/reset",
         response_model=BudgetResponse,
-        responses=_error_responses(400, 401, 403, 404),
+        responses=error_responses(400, 401, 403, 404),
     )
     async def http_reset(
         self, key_id: str, body: ResetRequest, api_key: str | None = Security(api_key_scheme)
@@ -394,7 +379,7 @@ class VictimDeployment:
     @api.post(
         "/admin/keys/{key_id}/revoke",
         response_model=BudgetResponse,
-        responses=_error_responses(401, 403, 404),
+        responses=error_responses(401, 403, 404),
     )
     async def http_revoke(
         self, key_id: str, api_key: str | None = Security(api_key_scheme)

@@ -9,18 +9,18 @@ same self-labelling step as SCAN finishes the recipe. Architecture: SCAN's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from clusterattack.victims.augment import STRONG, STRONGER, WEAK, AugmentConfig, augment
+from clusterattack.victims.augment import augment
 from clusterattack.victims.backbones import BackboneConfig, check_model_config
 from clusterattack.victims.losses import entropy, scan_loss
 from clusterattack.victims.neighbors import batch_neighbors, mine_neighbors
-from clusterattack.victims.pretext import PretextRecipe
 from clusterattack.victims.scan import (
     SCAN,
     HeadWarmupStage,
+    SCANRecipe,
     ScanStage,
     SelfLabelStage,
     init_from_pretext,
@@ -60,49 +60,21 @@ class NNM(SCAN):
 
 
 @dataclass(frozen=True)
-class NNMRecipe:
-    """NNM's recipe: global neighbours re-mined each epoch, one batch neighbour, equal weights.
+class NNMRecipe(SCANRecipe):
+    """NNM's recipe: SCAN's (same fields, defaults and presets) plus the weights of NNM's two
+    neighbour terms; global neighbours are re-mined each epoch, one batch neighbour.
 
     ``head_epochs`` warms the head up on fixed pretext features as in SCAN's recipe here.
     """
 
-    pretext: PretextRecipe = field(default_factory=PretextRecipe)
-    num_neighbors: int = 20
-    head_epochs: int = 30
-    epochs: int = 3
-    batch_size: int = 256
-    lr: float = 1e-4
-    head_lr: float = 1e-3
-    weight_decay: float = 1e-4
-    entropy_weight: float = 5.0
     global_weight: float = 1.0
     batch_weight: float = 1.0
-    view: AugmentConfig = STRONG
-    selflabel_epochs: int = 5
-    selflabel_lr: float = 1e-4
-    confidence: float = 0.99
-    weak_view: AugmentConfig = WEAK
-    strong_view: AugmentConfig = STRONGER
 
     def __post_init__(self) -> None:
-        if (
-            min(self.head_epochs, self.epochs, self.selflabel_epochs) < 0
-            or self.num_neighbors < 1
-            or self.batch_size < 4
-        ):
-            raise ValueError(
-                f"nnm recipe needs num_neighbors >= 1, epochs >= 0, batch_size >= 4; got {self}"
-            )
-        if not 0 < self.confidence < 1:
-            raise ValueError(f"confidence must lie in (0, 1), got {self.confidence}")
-
-    @classmethod
-    def preset(cls, name: str) -> NNMRecipe:
-        if name == "demo":
-            return cls()
-        if name == "full":
-            return cls(pretext=PretextRecipe(epochs=300), epochs=50, selflabel_epochs=50)
-        raise ValueError(f"unknown preset {name!r}, expected 'demo' or 'full'")
+        super().__post_init__()
+        if self.batch_size < 4:
+            # The batch-level matching needs a neighbour for each image inside the batch.
+            raise ValueError(f"nnm recipe needs batch_size >= 4, got {self.batch_size}")
 
 
 class NNMStage(ScanStage):
