@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 from clusterattack.attacks.config import AttackConfig
 from clusterattack.attacks.generator import Generator
 from clusterattack.attacks.io import load_generator
+from clusterattack.ray_session import init_ray
 
 __all__ = [
     "CHEAP_ATTACK",
@@ -146,27 +146,6 @@ def train_split(dataset: str, limit: int | None, seed: int) -> tuple[torch.Tenso
     from clusterattack.data import load_dataset
 
     return load_dataset(dataset).subset("train", limit=limit, seed=seed).as_float()
-
-
-def init_ray(address: str | None = None, object_store_mb: int = 512, num_cpus: int | None = None) -> bool:
-    """Connect to ``address``/``RAY_ADDRESS`` or start Ray in-process; True when started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        log.info("connected to the Ray cluster at %s", address)
-        return False
-    ray.init(
-        num_cpus=num_cpus,
-        object_store_memory=object_store_mb * 1024 * 1024,
-        include_dashboard=False,
-        configure_logging=False,
-    )
-    log.info("started a local Ray: %s", ray.cluster_resources())
-    return True
 
 
 def _with_threads(threads: int, fn: Callable, *args: Any) -> Any:

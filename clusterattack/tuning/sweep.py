@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clusterattack.ray_session import init_ray
 from clusterattack.tuning.config import METRIC, MODE, SweepConfig
 
 __all__ = [
@@ -114,26 +115,6 @@ def find_resumable(storage: str) -> str:
     return max(candidates)[1]
 
 
-def _start_ray(config: SweepConfig, address: str | None) -> bool:
-    """Connect to ``address``/``RAY_ADDRESS`` or start a local Ray; True when started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        log.info("connected to the Ray cluster at %s", address)
-        return False
-    ray.init(
-        object_store_memory=config.object_store_mb * 1024 * 1024,
-        include_dashboard=False,
-        configure_logging=False,
-    )
-    log.info("started a local Ray: %s", ray.cluster_resources())
-    return True
-
-
 def _serve_running() -> bool:
     from ray import serve
 
@@ -193,7 +174,7 @@ def run_sweep(
     if not resume:
         recorder.write_json(outcome.parent_run_id, config.to_dict(), "sweep_config.json")
 
-    started_ray = _start_ray(config, ray_address)
+    started_ray = init_ray(ray_address, config.object_store_mb)
     try:
         _run_targets(config, state, folder, recorder, outcome, callbacks, resume)
     except BaseException:
