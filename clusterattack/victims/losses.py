@@ -67,10 +67,13 @@ def scan_loss(
     consistency = -mean log <p(anchor), p(neighbour)>; the entropy of the batch's mean
     assignment is subtracted with ``entropy_weight`` (the paper's lambda, 5 by default) to
     prevent every image falling into one cluster.
+
+    Logits of shape B x H x K (H cluster heads side by side) give one loss per head
+    (tensors of shape H), as SCAN's several heads trained at once.
     """
-    pa = torch.softmax(anchor_logits, dim=1)
-    pn = torch.softmax(neighbor_logits, dim=1)
-    consistency = -torch.log((pa * pn).sum(1).clamp_min(_EPS)).mean()
+    pa = torch.softmax(anchor_logits, dim=-1)
+    pn = torch.softmax(neighbor_logits, dim=-1)
+    consistency = -torch.log((pa * pn).sum(-1).clamp_min(_EPS)).mean(0)
     spread = entropy(pa.mean(0))
     return ScanLoss(consistency - entropy_weight * spread, consistency, spread)
 

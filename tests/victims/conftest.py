@@ -103,6 +103,7 @@ TINY_RECIPES: dict[str, dict] = {
         "pretext": TINY_PRETEXT,
         "gate_warmup_epochs": 2,
         "anchored_epochs": 0,  # the loss test then measures free EM epochs only
+        "anneal_epochs": 0,
         "epochs": 2,
         "batch_size": 16,
         "queue_size": 32,

@@ -87,6 +87,17 @@ def test_scan_loss_parts():
     assert out.total == pytest.approx(float(out.consistency - 2.0 * out.entropy))
 
 
+def test_scan_loss_of_stacked_heads_is_each_heads_loss():
+    torch.manual_seed(0)
+    anchors, neighbours = torch.randn(32, 3, 5), torch.randn(32, 3, 5)
+    stacked = scan_loss(anchors, neighbours, entropy_weight=5.0)
+    assert stacked.total.shape == (3,)
+    for h in range(3):
+        one = scan_loss(anchors[:, h], neighbours[:, h], entropy_weight=5.0)
+        assert stacked.total[h] == pytest.approx(float(one.total), abs=1e-5)
+        assert stacked.entropy[h] == pytest.approx(float(one.entropy), abs=1e-5)
+
+
 def test_confident_cross_entropy_masks_and_balances():
     weak = torch.tensor([[9.0, 0.0], [0.0, 9.0], [0.1, 0.0]])
     loss, frac = confident_cross_entropy(weak, torch.zeros(3, 2), threshold=0.99)

@@ -150,3 +150,50 @@ def test_mice_anchored_e_step_uses_the_given_assignment():
     assert torch.allclose(free_q.sum(1), torch.ones(n)) and not torch.equal(free_q, anchor)
     # The exact posterior maximises the ELBO: any other assignment gives a larger negative ELBO.
     assert torch.isfinite(loss) and loss > free_loss
+    # beta = 0: the gate alone decides; beta between: between the gate and the full posterior.
+    _, gate_only = mice_elbo(logits, f, v, mu, queue, 0.2, beta=0.0)
+    torch.testing.assert_close(gate_only, torch.softmax(logits, 1))
+    _, half = mice_elbo(logits, f, v, mu, queue, 0.2, beta=0.5)
+    # q_beta ~ pi * phi^beta and q_1 ~ pi * phi, so q_1/2 ~ sqrt(pi * q_1).
+    geometric = (gate_only * free_q).sqrt()
+    torch.testing.assert_close(half, geometric / geometric.sum(1, keepdim=True))
+    assert not torch.allclose(half, free_q) and not torch.allclose(half, gate_only)
+
+
+def test_mice_annealing_schedule_follows_the_anchored_epochs(tiny):
+    from clusterattack.victims.mice import MiCEStage
+
+    recipe = tiny.recipe("mice", anchored_epochs=1, anneal_epochs=2, epochs=5)
+    anchored = MiCEStage(recipe, {"labels": torch.zeros(3, dtype=torch.long)})
+    assert [anchored.beta(e) for e in range(5)] == [1.0, 1 / 3, 2 / 3, 1.0, 1.0]
+    # Without a warm-up assignment there is nothing to anchor to: annealing starts at once.
+    assert [MiCEStage(recipe, {}).beta(e) for e in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
+
+
+def test_scan_head_warmup_keeps_the_lowest_loss_head(tiny, tiny_data, tiny_ctx):
+    from clusterattack.victims.scan import HeadWarmupStage
+
+    recipe = tiny.recipe("scan", num_heads=4, head_epochs=3)
+    model = tiny.model("scan")
+    own = model.head.weight.detach().clone()
+    stage = HeadWarmupStage(recipe, {})
+    stage.start(model, tiny_data, tiny_ctx, None)
+    k = model.head.out_features
+    assert torch.equal(stage.heads.weight[:k], own)  # head 0 starts as the model's head
+    for epoch in range(3):
+        record = stage.run_epoch(model, tiny_data, tiny_ctx, epoch)
+    losses = stage.head_losses()
+    best = int(losses.argmin())
+    assert record["selected_head"] == best and losses.unique().numel() == 4
+    assert record["selected_head_loss"] == pytest.approx(float(losses.min()), abs=1e-5)
+    assert torch.equal(model.head.weight, stage.heads.weight[best * k : (best + 1) * k])
+    assert torch.equal(model.head.bias, stage.heads.bias[best * k : (best + 1) * k])
+
+
+def test_mice_trains_through_anchored_annealed_and_free_epochs(tiny, tiny_data, tiny_ctx):
+    recipe = tiny.recipe("mice", anchored_epochs=1, anneal_epochs=1, epochs=3)
+    outcome = VICTIMS["mice"].train(tiny.model("mice"), tiny_data, recipe, tiny_ctx)
+    em = [h for h in outcome.history if h["stage"] == "mice"]
+    # The anchored epoch logs no beta (its E-step is the warm-up's assignment).
+    assert [h.get("beta") for h in em] == [None, 0.5, 1.0]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in em)
