@@ -52,7 +52,6 @@ from clusterattack.api.store import AsyncAlbumStore
 from clusterattack.serving import schema
 from clusterattack.serving.deployment import API_KEY_HEADER, REQUEST_ID_HEADER
 from clusterattack.serving.errors import (
-    BadRequest,
     InvalidImages,
     QuotaExceeded,
     ServingError,
@@ -63,6 +62,7 @@ from clusterattack.serving.http_common import (
     IMAGES_REQUEST_BODY,
     error_responses,
     render_serving_error,
+    render_validation_error,
 )
 from clusterattack.serving.http_models import BudgetResponse
 from clusterattack.serving.ledger import hash_api_key
@@ -89,16 +89,7 @@ api = FastAPI(
 )
 api_key_scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="attacker API key")
 api.add_exception_handler(ServingError, render_serving_error)
-
-
-@api.exception_handler(RequestValidationError)
-async def _render_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's own 422 body has another shape; answer in the one every other error uses.
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()
-    )
-    error = BadRequest(f"invalid request: {problems}")
-    return JSONResponse(error.to_payload(), status_code=422)
+api.add_exception_handler(RequestValidationError, render_validation_error)
 
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import FastAPI, Header, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from ray import serve
@@ -47,6 +48,7 @@ from clusterattack.serving.http_common import (
     IMAGES_REQUEST_BODY,
     error_responses,
     render_serving_error,
+    render_validation_error,
 )
 from clusterattack.serving.http_models import (
     BudgetResponse,
@@ -87,6 +89,7 @@ api_key_scheme = APIKeyHeader(
     name=API_KEY_HEADER, auto_error=False, description="attacker or admin API key"
 )
 api.add_exception_handler(ServingError, render_serving_error)
+api.add_exception_handler(RequestValidationError, render_validation_error)
 
 
 _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
