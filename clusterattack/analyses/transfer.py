@@ -253,6 +253,8 @@ def run_transfer(
         # Queries spent training the generators on their sources; applying them to a
         # target costs no query at all (that is what transfer means).
         "image_queries": int(sum(q for q in queries if q is not None)),
+        "image_queries_meaning": "spent training the generators on their sources",
+        "image_queries_applying": 0,  # to any target: a transfer attack queries no target
         "test_images": int(test_x.shape[0]),
         "seed": config.seed,
         "gradient_sources": {s: loaded[s].config.gradient_source for s in config.sources},

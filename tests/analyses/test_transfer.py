@@ -34,6 +34,7 @@ def test_matrix_shape_and_diagonal_match_direct_evaluation(tmp_path, blobs, vict
         assert np.asarray(p["post"][metric]).shape == (2, 2)
     assert p["test_images"] == test.shape[0]
     assert p["image_queries"] > 0 and set(p["generators"]) == {"a", "b"}
+    assert p["image_queries_applying"] == 0 and "training" in p["image_queries_meaning"]
     for i, name in enumerate(("a", "b")):
         gen = resolve_generator(p["generators"][name])
         direct, _ = evaluate_generator(victims[name], gen.generator, test, labels, gen.config.override(eps=0.2), figures=False)
