@@ -181,6 +181,10 @@ class VictimDeployment:
 
     # ------------------------------------------------------------------ model
     def _forward(self, images: np.ndarray) -> np.ndarray:
+        if not images.flags.writeable:
+            # Zero-copy from Ray's object store, read-only: a model that writes to its input
+            # in place must not reach that memory (and torch warns on every batch otherwise).
+            images = images.copy()
         x = torch.from_numpy(images).to(self._device)
         with torch.inference_mode():
             scores = self._model.predict_proba(x)
