@@ -475,8 +475,10 @@ def _transfer(result: AnalysisResult, folder: Path) -> str:
     sources, targets = list(p["sources"]), list(p["targets"])
     parts = [
         _payload_provenance(
-            result, ("dataset", "norm", "eps", "generators", "image_queries", "test_images", "seed")
-        )
+            result,
+            ("dataset", "norm", "eps", "image_queries", "image_queries_applying", "test_images", "seed"),
+        ),
+        _transfer_generators(p, sources),
     ]
     for metric in _METRICS:
         post = np.asarray(p["post"][metric], dtype=np.float64)
@@ -505,6 +507,39 @@ def _transfer(result: AnalysisResult, folder: Path) -> str:
             )
         )
     return "\n".join(parts)
+
+
+def _transfer_generators(p: dict[str, Any], sources: Sequence[str]) -> str:
+    """One row per source: which generator, how it was trained, what its training queried."""
+
+    def by_source(key: str) -> dict[str, Any]:
+        value = p.get(key)
+        return value if isinstance(value, dict) else {}
+
+    generators, grads = by_source("generators"), by_source("gradient_sources")
+    train_eps, queries = by_source("train_eps"), by_source("image_queries_by_source")
+    rows = [
+        {
+            "source": s,
+            "generator": str(generators.get(s, "")),
+            "gradient_source": grads.get(s, ""),
+            "train_eps": train_eps.get(s),
+            "image_queries": queries.get(s),
+        }
+        for s in sources
+    ]
+    return table_html(
+        rows,
+        (
+            Column("source", "source victim", "text"),
+            Column("generator", "generator", "text"),
+            Column("gradient_source", "gradient source", "text"),
+            Column("train_eps", "eps trained at"),
+            Column("image_queries", "image-queries (training)", "int"),
+        ),
+        caption="generators applied (applying one to a target costs no query)",
+        table_id="transfer-generators",
+    )
 
 
 def _detection(result: AnalysisResult, folder: Path) -> str:

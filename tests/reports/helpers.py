@@ -47,6 +47,9 @@ def payloads(dataset: str = "tiny") -> dict[str, dict[str, Any]]:
             "sources": sources,
             "targets": targets,
             "generators": {s: f"generator-{s}-{dataset}/1" for s in sources},
+            "gradient_sources": {s: "surrogate" for s in sources},
+            "train_eps": {s: 0.1 + 0.05 * i for i, s in enumerate(sources)},
+            "image_queries_by_source": {s: 1000 * (i + 1) for i, s in enumerate(sources)},
             "pre": {
                 t: {"nmi": 0.6 + 0.01 * j, "ari": 0.5, "acc": 0.7} for j, t in enumerate(targets)
             },

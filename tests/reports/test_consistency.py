@@ -148,6 +148,12 @@ def test_report_numbers_equal_the_runs(mlflow_uri, tmp_path):
                     cell(page, f"transfer-{metric}", target, i)
                     == p["transfer"]["post"][metric][i][j]
                 )
+    for i, source in enumerate(p["transfer"]["sources"]):
+        assert cell(page, "transfer-generators", "train_eps", i) == p["transfer"]["train_eps"][source]
+        assert (
+            cell(page, "transfer-generators", "image_queries", i)
+            == p["transfer"]["image_queries_by_source"][source]
+        )
     assert cell(page, "detection", "detection_rate_mean") == p["detection"]["detection_rate_mean"]
     assert cell(page, "detection", "fpr_mean") == p["detection"]["fpr_mean"]
     assert cell(page, "pca", "overlap") == p["pca"]["overlap"]
