@@ -173,6 +173,16 @@ def art_classifier(predict: MemoPredict, input_shape: tuple[int, int, int], num_
     )
 
 
+def art_norm(norm: str) -> float:
+    """ART's ``norm`` argument for the project's norm name: np.inf for L-inf, 2 for L2."""
+    return np.inf if norm == "linf" else 2
+
+
+def pgd_step_fraction(step_fraction: float | None, iterations: int) -> float:
+    """Step as a fraction of eps: the given one, or Madry et al.'s 2.5 eps / iterations (at most eps)."""
+    return step_fraction if step_fraction is not None else min(1.0, 2.5 / iterations)
+
+
 @contextlib.contextmanager
 def numpy_seed(seed: int) -> Iterator[None]:
     """Seed numpy's global generator (ART draws from it) and restore the caller's state after."""

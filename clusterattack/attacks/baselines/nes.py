@@ -12,18 +12,15 @@ from clusterattack.attacks.baselines.base import (
     BaselineConfig,
     MemoPredict,
     art_classifier,
+    art_norm,
     check_fraction,
     check_int,
     check_positive,
+    pgd_step_fraction,
 )
 from clusterattack.victims.base import Victim
 
 __all__ = ["NESAttack", "NESConfig"]
-
-
-def pgd_step_fraction(step_fraction: float | None, iterations: int) -> float:
-    """Step as a fraction of eps: the given one, or Madry et al.'s 2.5 eps / iterations (at most eps)."""
-    return step_fraction if step_fraction is not None else min(1.0, 2.5 / iterations)
 
 
 def _nes_estimator(classifier: Any, samples: int, sigma: float, batch: int):
@@ -111,7 +108,7 @@ class NESAttack(BaselineAttack):
         nes = _nes_estimator(clf, cfg.samples, cfg.sigma, cfg.query_batch)
         pgd = ProjectedGradientDescent(
             nes,
-            norm=np.inf if cfg.norm == "linf" else 2,
+            norm=art_norm(cfg.norm),
             eps=cfg.eps,
             eps_step=fraction * cfg.eps,
             max_iter=iterations,

@@ -16,9 +16,9 @@ from clusterattack.attacks.baselines.base import (
     check_fraction,
     check_int,
     check_positive,
+    pgd_step_fraction,
     project_images,
 )
-from clusterattack.attacks.baselines.nes import pgd_step_fraction
 from clusterattack.attacks.config import EstimatorConfig
 from clusterattack.attacks.gradients.estimate import EstimateSource, estimated_memberships
 from clusterattack.victims.base import Victim

@@ -12,6 +12,7 @@ from clusterattack.attacks.baselines.base import (
     BaselineConfig,
     MemoPredict,
     art_classifier,
+    art_norm,
     check_fraction,
 )
 from clusterattack.victims.base import Victim
@@ -65,7 +66,7 @@ class SquareAttack(BaselineAttack):
         clf = art_classifier(predict, victim.input_shape, victim.num_clusters)
         square = ARTSquareAttack(
             clf,
-            norm=np.inf if cfg.norm == "linf" else 2,
+            norm=art_norm(cfg.norm),
             eps=cfg.eps,
             max_iter=cfg.iterations(),
             p_init=cfg.p_init,
