@@ -13,6 +13,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 __all__ = [
+    "CLUSTERING_METRICS",
     "Matching",
     "aligned_confusion",
     "cluster_accuracy",
@@ -21,6 +22,10 @@ __all__ = [
     "hungarian_matching",
     "relative_drop",
 ]
+
+
+#: The keys of :func:`clustering_scores`, in the order tables show them.
+CLUSTERING_METRICS = ("nmi", "ari", "acc")
 
 
 def _as_labels(name: str, values) -> np.ndarray:

@@ -34,6 +34,7 @@ from clusterattack.attacks.gan import perturb_images, train_generator
 from clusterattack.defenses.pca import pca_overlap
 from clusterattack.defenses.retraining import adversarial_retrain
 from clusterattack.defenses.ssd import SSDDetector, detection_trials, extract_features
+from clusterattack.metrics import CLUSTERING_METRICS
 
 __all__ = [
     "AnalysisResult",
@@ -48,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METRICS = ("nmi", "ari", "acc")
+METRICS = CLUSTERING_METRICS
 
 
 def _check_bound(norm: str | None, eps: float | None) -> None:

@@ -39,7 +39,7 @@ from clusterattack.attacks.evaluate import evaluate_attack
 from clusterattack.attacks.gan import perturb_images, train_generator
 from clusterattack.attacks.gradients import query_memberships
 from clusterattack.attacks.io import save_generator
-from clusterattack.metrics import clustering_scores
+from clusterattack.metrics import CLUSTERING_METRICS, clustering_scores
 
 __all__ = [
     "TransferConfig",
@@ -52,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METRICS = ("nmi", "ari", "acc")
+METRICS = CLUSTERING_METRICS
 
 
 @dataclass(frozen=True)
