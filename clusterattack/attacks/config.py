@@ -25,7 +25,7 @@ GRADIENT_SOURCES = ("whitebox", "estimate", "surrogate")
 ESTIMATORS = ("nes", "spsa")
 PRIORS = ("none", "surrogate")
 SURROGATE_LOSSES = ("kl", "kl_logit")
-SURROGATE_ARCHS = ("convnet", "small")
+SURROGATE_ARCHS = ("convnet", "small", "pretext")
 
 
 def _positive(name: str, value: float) -> None:
@@ -97,7 +97,10 @@ class SurrogateConfig:
     drawn uniformly from the eps-ball around training images teach the surrogate how the
     victim behaves near the data. ``refresh_rounds`` rounds each query
     ``refresh_queries`` current adversarial images and fine-tune the surrogate on them.
-    ``ensemble`` surrogates (different seeds) are averaged. With ``online`` each
+    ``ensemble`` surrogates (different seeds) are averaged. ``arch`` "pretext" starts each
+    surrogate from a SimCLR backbone the attacker trains itself (``pretext_epochs``, no
+    labels, no queries, its own seed) on the attack's images, then distils it as the
+    others; ``width`` does not apply to it. With ``online`` each
     generator step also queries the victim on its batch of adversarial images (one
     image-query per training image per epoch): the attack term is evaluated on the
     victim's memberships, its gradient taken through the surrogate, and the surrogate
@@ -119,6 +122,7 @@ class SurrogateConfig:
     augment: bool = True
     online: bool = True
     online_steps: int = 1  # surrogate fine-tuning steps per generator step (online)
+    pretext_epochs: int = 8  # SimCLR epochs of the attacker's own backbone (arch "pretext")
     input_diversity: float = 0.0  # max random shift (pixels) of x_adv seen by the surrogate
 
     def __post_init__(self) -> None:
@@ -135,6 +139,7 @@ class SurrogateConfig:
         _choice("surrogate.loss", self.loss, SURROGATE_LOSSES)
         _choice("surrogate.arch", self.arch, SURROGATE_ARCHS)
         _positive_int("surrogate.online_steps", self.online_steps)
+        _positive_int("surrogate.pretext_epochs", self.pretext_epochs)
         _non_negative("surrogate.input_diversity", self.input_diversity)
 
     def total_queries(self) -> int:

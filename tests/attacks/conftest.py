@@ -75,6 +75,14 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def attacker_cache(tmp_path, monkeypatch):
+    """Attacker backbones (surrogate arch "pretext") are cached per test, not in runs/cache."""
+    path = tmp_path / "attacker-cache"
+    monkeypatch.setenv("CLUSTERATTACK_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def blobs():
     """(train images, test images, test labels, prototypes) on 8 x 8 images, 3 clusters."""

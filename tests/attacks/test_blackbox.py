@@ -11,7 +11,12 @@ from clusterattack.attacks.gradients import WhiteBoxSource
 
 @pytest.mark.parametrize(
     ("source", "changes"),
-    [("estimate", {}), ("surrogate", {}), ("surrogate", {"surrogate.online": False})],
+    [
+        ("estimate", {}),
+        ("surrogate", {}),
+        ("surrogate", {"surrogate.online": False}),
+        ("surrogate", {"surrogate.arch": "pretext", "surrogate.pretext_epochs": 1}),
+    ],
 )
 def test_black_box_never_touches_the_victims_parameters(victim, blobs, source, changes, config, scores_only):
     before = {k: v.clone() for k, v in victim.state_dict().items()}

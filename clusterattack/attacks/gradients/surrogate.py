@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from clusterattack.attacks.config import SurrogateConfig
 from clusterattack.attacks.gradients.base import GradientSource, query_memberships
+from clusterattack.attacks.gradients.pretext import PretextSurrogate, attacker_backbone, cache_dir
 from clusterattack.precision import autocast
 from clusterattack.victims.base import Victim
 
@@ -188,7 +189,7 @@ class SurrogateSource(GradientSource):
         self.device = device
         self.exact_memberships = config.online
         self.generator = torch.Generator().manual_seed(seed + 104729)
-        self.models: list[SurrogateNet] = []
+        self.models: list[nn.Module] = []
         self.schedule = refresh_epochs(epochs, config.refresh_rounds)
         self._pool_x: list[torch.Tensor] = []
         self._pool_y: list[torch.Tensor] = []
@@ -196,6 +197,8 @@ class SurrogateSource(GradientSource):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._agree_sum, self._agree_count = 0.0, 0
         self._seed = seed
+        # Distinct from any seed a victim is trained with in this project (0, 1, ...).
+        self.pretext_seed = seed + 7919
 
     def _noise_points(self, images: torch.Tensor, count: int) -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (count,), generator=self.generator)
@@ -225,9 +228,19 @@ class SurrogateSource(GradientSource):
             disable=not progress,
             leave=False,
         )
+        backbone = None
+        if self.config.arch == "pretext":
+            # The attacker's own contrastive backbone, trained on the images it holds (the
+            # pool it queried) with a seed of its own: no label, no query, no victim weight.
+            backbone = attacker_backbone(
+                images, self.config.pretext_epochs, self.pretext_seed, self.device, cache_dir(), progress
+            )
         for member in range(self.config.ensemble):
             torch.manual_seed(self._seed * 1000 + member)
-            model = SurrogateNet(shape, k, self.config.width, self.config.arch)
+            if backbone is not None:
+                model: nn.Module = PretextSurrogate(backbone[0], backbone[1], k)
+            else:
+                model = SurrogateNet(shape, k, self.config.width, self.config.arch)
             loss = distill(
                 model, xs, ys, self.config.distill_epochs, self.config, self.generator,
                 self.device, bar.update, precision=self.precision,
@@ -349,4 +362,6 @@ class SurrogateSource(GradientSource):
         out = super().describe()
         out.update({f"surrogate.{k}": v for k, v in vars(self.config).items()})
         out["surrogate.refresh_after_epochs"] = ",".join(map(str, self.schedule))
+        if self.config.arch == "pretext":
+            out["surrogate.pretext_seed"] = self.pretext_seed
         return out

@@ -1,0 +1,111 @@
+"""The attacker's own self-supervised backbone, for surrogates with ``arch`` "pretext".
+
+Deep clustering victims are built on contrastive (SimCLR-style) features, so a surrogate
+that starts from contrastive features of its own shares the victim's invariances and
+its gradients transfer far better than those of a CNN distilled from scratch. The
+attacker trains that backbone itself, without a label or a query, on the unlabelled
+images the attack already holds, with a seed of its own (never the victim's weights or
+its pretext checkpoint), and caches it by (images, backbone, recipe, seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from clusterattack.victims.backbones import Backbone, BackboneConfig, backbone_for, mlp
+from clusterattack.victims.pretext import PretextRecipe, SimCLR, SimCLRStage
+from clusterattack.victims.training import (
+    TrainContext,
+    TrainData,
+    cached,
+    fingerprint_of,
+    run_stages,
+)
+
+__all__ = ["PretextSurrogate", "attacker_backbone", "cache_dir"]
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "CLUSTERATTACK_CACHE_DIR"
+
+
+def cache_dir() -> Path | None:
+    """Where attacker backbones are cached: ``$CLUSTERATTACK_CACHE_DIR``, else ``runs/cache``
+    (the victims' cache of jobs/train_victims.py); an empty value disables the cache."""
+    value = os.environ.get(CACHE_ENV, "runs/cache")
+    return Path(value) if value else None
+
+
+class PretextSurrogate(nn.Module):
+    """The attacker's contrastive backbone and a two-layer head to K cluster logits."""
+
+    def __init__(self, backbone: BackboneConfig, state: dict, num_clusters: int) -> None:
+        super().__init__()
+        self.backbone = Backbone(backbone)
+        self.backbone.load_state_dict(state)
+        d = self.backbone.out_dim
+        self.head = mlp(d, d, num_clusters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _no_evaluation(*_args) -> dict[str, float]:
+    return {}  # the attacker has no labels to score its pretext with
+
+
+def attacker_backbone(
+    images: torch.Tensor,
+    epochs: int,
+    seed: int,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[BackboneConfig, dict]:
+    """(backbone config, state dict) of a SimCLR backbone trained on ``images`` (float, [0, 1]).
+
+    The backbone is the one the demo preset sizes for this input shape; the recipe the
+    shared pretext recipe with ``epochs`` epochs. The global RNGs are left as they were,
+    so a run draws the same numbers whether the backbone came from the cache or not.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be N x C x H x W, got {tuple(images.shape)}")
+    if epochs < 1:
+        raise ValueError(f"pretext epochs must be >= 1, got {epochs}")
+    config = backbone_for("demo", tuple(int(v) for v in images.shape[1:]))
+    u8 = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+    digest = hashlib.sha256(u8.numpy().tobytes()).hexdigest()[:16]
+    recipe = PretextRecipe(epochs=epochs)
+    fp = fingerprint_of(
+        kind="attacker_simclr", images=digest, num_images=int(u8.shape[0]), backbone=config,
+        recipe=recipe, seed=seed,
+    )
+    # The pretext stage scores nothing (no labels): the "test split" is a stand-in.
+    data = TrainData("attacker", u8, u8[:2], np.zeros(2, dtype=np.int64), 2)
+    ctx = TrainContext(
+        device=torch.device(device), seed=seed, cache_dir=Path(cache_dir) if cache_dir else None,
+        progress=progress,
+    )
+
+    def build(child: TrainContext) -> dict:
+        torch.manual_seed(seed)
+        model = SimCLR(config, recipe.projection_dim)
+        run_stages(model, [SimCLRStage(recipe)], data, child, fp, evaluate=_no_evaluation, tag="attacker-simclr")
+        return {"backbone": {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}}
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        result, was_cached = cached(ctx, "attacker-pretext", fp, build)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    log.info("attacker pretext (%d epochs, seed %d): %s", epochs, seed, "cached" if was_cached else "trained")
+    return config, result["backbone"]

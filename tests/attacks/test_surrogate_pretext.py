@@ -1,0 +1,67 @@
+"""The attacker's own contrastive backbone for "pretext" surrogates: cached, seeded, label-free."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from clusterattack.attacks import CountingVictim, train_generator
+from clusterattack.attacks.gradients.pretext import PretextSurrogate, attacker_backbone
+
+
+def _draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(2).tolist(), random.random()
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def test_the_backbone_is_cached_by_images_and_seed_and_leaves_the_rngs_alone(blobs, tmp_path):
+    images = blobs[0][:96]
+    _seed_all(11)
+    expected = _draws()
+
+    for attempt in ("trained", "cached"):
+        _seed_all(11)
+        config, state = attacker_backbone(images, epochs=1, seed=5, cache_dir=tmp_path)
+        # Same draws after the call whether it trained (and seeded) or read the cache.
+        assert _draws() == expected, attempt
+    files = sorted(p.name for p in tmp_path.glob("attacker-pretext-*.pt"))
+    assert len(files) == 1
+
+    _, again = attacker_backbone(images, epochs=1, seed=5, cache_dir=tmp_path)
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    _, other_seed = attacker_backbone(images, epochs=1, seed=6, cache_dir=tmp_path)
+    assert any(not torch.equal(state[k], other_seed[k]) for k in state if state[k].is_floating_point())
+    _, other_images = attacker_backbone(images[:64], epochs=1, seed=5, cache_dir=tmp_path)
+    assert any(not torch.equal(state[k], other_images[k]) for k in state if state[k].is_floating_point())
+    assert len(list(tmp_path.glob("attacker-pretext-*.pt"))) == 3
+
+    model = PretextSurrogate(config, state, num_clusters=3)
+    assert model(images[:5]).shape == (5, 3)
+
+
+def test_attacker_backbone_refuses_bad_input(blobs, tmp_path):
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        attacker_backbone(blobs[0][0], epochs=1, seed=0, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        attacker_backbone(blobs[0], epochs=0, seed=0, cache_dir=tmp_path)
+
+
+def test_a_pretext_surrogate_attack_is_recorded_and_reproducible(victim, blobs, config, attacker_cache):
+    cfg = config(gradient_source="surrogate", **{"surrogate.arch": "pretext", "surrogate.pretext_epochs": 1})
+    first = train_generator(CountingVictim(victim), blobs[0], cfg, progress=False)
+    assert first.source["surrogate.arch"] == "pretext"
+    assert first.source["surrogate.pretext_seed"] == cfg.seed + 7919
+    assert len(list(attacker_cache.glob("attacker-pretext-*.pt"))) == 1
+    # The second run reads the cached backbone and must still train the same generator.
+    second = train_generator(CountingVictim(victim), blobs[0], cfg, progress=False)
+    for a, b in zip(first.generator.parameters(), second.generator.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert first.image_queries == second.image_queries > 0
