@@ -131,9 +131,20 @@ class PretextResult:
 
 
 def pretext_backbone(
-    backbone: BackboneConfig, recipe: PretextRecipe, data: TrainData, ctx: TrainContext
+    backbone: BackboneConfig,
+    recipe: PretextRecipe,
+    data: TrainData,
+    ctx: TrainContext,
+    *,
+    evaluate=kmeans_scores,
+    cache_kind: str = "pretext",
 ) -> PretextResult:
-    """A SimCLR-trained backbone state dict for ``data``, from the cache when available."""
+    """A SimCLR-trained backbone state dict for ``data``, from the cache when available.
+
+    ``evaluate`` scores the features after the last epoch (k-means on the test split; an
+    attacker without labels passes one that returns {}); ``cache_kind`` prefixes the cache
+    file. The fingerprint covers ``data.name`` and size, the backbone, recipe and seed.
+    """
     fp = fingerprint_of(
         kind="simclr",
         dataset=data.name,
@@ -148,7 +159,7 @@ def pretext_backbone(
         t0, c0 = time.perf_counter(), time.process_time()
         model = SimCLR(backbone, recipe.projection_dim)
         history = run_stages(
-            model, [SimCLRStage(recipe)], data, child, fp, evaluate=kmeans_scores, tag="simclr"
+            model, [SimCLRStage(recipe)], data, child, fp, evaluate=evaluate, tag="simclr"
         )
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         # Time already spent before an interrupted build resumed is in the history.
@@ -160,7 +171,7 @@ def pretext_backbone(
             "history": history,
         }
 
-    result, was_cached = cached(ctx, "pretext", fp, build)
+    result, was_cached = cached(ctx, cache_kind, fp, build)
     return PretextResult(
         result["backbone"],
         float(result["wall_s"]),

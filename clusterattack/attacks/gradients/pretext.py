@@ -21,14 +21,8 @@ import torch
 from torch import nn
 
 from clusterattack.victims.backbones import Backbone, BackboneConfig, backbone_for, mlp
-from clusterattack.victims.pretext import PretextRecipe, SimCLR, SimCLRStage
-from clusterattack.victims.training import (
-    TrainContext,
-    TrainData,
-    cached,
-    fingerprint_of,
-    run_stages,
-)
+from clusterattack.victims.pretext import PretextRecipe, pretext_backbone
+from clusterattack.victims.training import TrainContext, TrainData
 
 __all__ = ["PretextSurrogate", "attacker_backbone", "cache_dir"]
 
@@ -83,29 +77,21 @@ def attacker_backbone(
     config = backbone_for("demo", tuple(int(v) for v in images.shape[1:]))
     u8 = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
     digest = hashlib.sha256(u8.numpy().tobytes()).hexdigest()[:16]
-    recipe = PretextRecipe(epochs=epochs)
-    fp = fingerprint_of(
-        kind="attacker_simclr", images=digest, num_images=int(u8.shape[0]), backbone=config,
-        recipe=recipe, seed=seed,
-    )
-    # The pretext stage scores nothing (no labels): the "test split" is a stand-in.
-    data = TrainData("attacker", u8, u8[:2], np.zeros(2, dtype=np.int64), 2)
+    # The digest names the data set, so the cache key covers exactly these images. The
+    # pretext scores nothing (no labels): the two-image "test split" is a stand-in.
+    data = TrainData(f"attacker-{digest}", u8, u8[:2], np.zeros(2, dtype=np.int64), 2)
     ctx = TrainContext(
         device=torch.device(device), seed=seed, cache_dir=Path(cache_dir) if cache_dir else None,
         progress=progress,
     )
-
-    def build(child: TrainContext) -> dict:
-        torch.manual_seed(seed)
-        model = SimCLR(config, recipe.projection_dim)
-        run_stages(model, [SimCLRStage(recipe)], data, child, fp, evaluate=_no_evaluation, tag="attacker-simclr")
-        return {"backbone": {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}}
-
     py_state, np_state = random.getstate(), np.random.get_state()
     devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        result, was_cached = cached(ctx, "attacker-pretext", fp, build)
+        result = pretext_backbone(
+            config, PretextRecipe(epochs=epochs), data, ctx, evaluate=_no_evaluation,
+            cache_kind="attacker-pretext",
+        )
     random.setstate(py_state)
     np.random.set_state(np_state)
-    log.info("attacker pretext (%d epochs, seed %d): %s", epochs, seed, "cached" if was_cached else "trained")
-    return config, result["backbone"]
+    log.info("attacker pretext (%d epochs, seed %d): %s", epochs, seed, "cached" if result.cached else "trained")
+    return config, {k: v.detach().cpu() for k, v in result.backbone_state.items()}

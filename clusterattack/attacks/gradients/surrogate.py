@@ -228,17 +228,17 @@ class SurrogateSource(GradientSource):
             disable=not progress,
             leave=False,
         )
-        backbone = None
+        pretext = None
         if self.config.arch == "pretext":
             # The attacker's own contrastive backbone, trained on the images it holds (the
             # pool it queried) with a seed of its own: no label, no query, no victim weight.
-            backbone = attacker_backbone(
+            pretext = attacker_backbone(
                 images, self.config.pretext_epochs, self.pretext_seed, self.device, cache_dir(), progress
             )
         for member in range(self.config.ensemble):
             torch.manual_seed(self._seed * 1000 + member)
-            if backbone is not None:
-                model: nn.Module = PretextSurrogate(backbone[0], backbone[1], k)
+            if pretext is not None:
+                model: nn.Module = PretextSurrogate(*pretext, num_clusters=k)
             else:
                 model = SurrogateNet(shape, k, self.config.width, self.config.arch)
             loss = distill(
