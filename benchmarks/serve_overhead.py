@@ -1,13 +1,19 @@
 """Image throughput of ServedVictim (Serve handle and HTTP) against the same model in-process.
 
 Columns ``handle`` and ``http``: one victim call at a time, ``predict_proba`` on a batch
-of 256 images as in the paper's attack loop; the client splits it into ``--chunk-size``
-requests that overlap. Columns ``*-bulk``: one ``predict_proba`` on ``--bulk-batches``
-batches at once (surrogate distillation queries thousands of images per call), requests
-of 256 with ``--in-flight`` outstanding. Each
-model is measured with 1 and 2 replicas (``--replicas``). In-process and served runs are
-interleaved round by round, so load from other processes hits all of them alike; the
-medians and their ratios to in-process (target >= 0.9) are printed at the end.
+of 256 images, as a user's own loop would call it; the client splits it into
+``--chunk-size`` requests that overlap. Columns ``*-batches``: the attacks' own path,
+``query_memberships`` on ``--bulk-batches`` batches at once (a surrogate's distillation
+pool, the points of one gradient estimate), which a ServedVictim asks as the same calls
+of 256 with ``--in-flight`` outstanding (``predict_proba_batches``); in-process the
+same function calls the model batch after batch. Each model is measured with 1 and 2
+replicas (``--replicas``). Column ``bare-actor-batches`` is the transport's floor: the
+same batches sent to the model held by as many plain Ray actors, with no Serve, ledger or
+checks. In-process and served runs are interleaved round by round,
+their order rotated every round (so none always follows the in-process run), and the
+ratio of each round is taken against that round's in-process run; the medians of the
+throughputs, and the median of the per-round ratios (target >= 0.9), are printed at the
+end.
 
     python benchmarks/serve_overhead.py                  # light conv net and the CC victim
     python benchmarks/serve_overhead.py --models cc --rounds 5 --replicas 1
@@ -21,6 +27,7 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,7 +76,41 @@ def images_per_s(call, batches: list[torch.Tensor]) -> float:
     return sum(len(x) for x in batches) / (time.perf_counter() - started)
 
 
+class BareActor:
+    """The transport floor: the model in a plain Ray actor, no Serve, no ledger, no checks."""
+
+    def __init__(self, model: nn.Module, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.model = model
+
+    def predict_proba(self, images):
+        with torch.inference_mode():
+            return self.model.predict_proba(torch.from_numpy(images.copy())).numpy()
+
+
+def bare_actor_path(model: nn.Module, replicas: int, args):
+    """``query_memberships``'s batches over ``replicas`` bare actors, ``--in-flight`` outstanding."""
+    import ray
+
+    remote = ray.remote(num_cpus=args.replica_cpus)(BareActor)
+    actors = [remote.remote(model, args.torch_threads) for _ in range(replicas)]
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        images = x.numpy()
+        pending, out = [], []
+        for i, start in enumerate(range(0, len(images), args.batch_size)):
+            if len(pending) >= args.in_flight:
+                out.append(ray.get(pending.pop(0)))
+            chunk = images[start : start + args.batch_size]
+            pending.append(actors[i % replicas].predict_proba.remote(chunk))
+        out.extend(ray.get(pending))
+        return torch.from_numpy(np.concatenate(out))
+
+    return call, actors
+
+
 def bench_model(name: str, replicas: int, args, port: int, ledger, admin) -> dict[str, float]:
+    from clusterattack.attacks.gradients import query_memberships
     from clusterattack.serving import ServeConfig, ServedVictim, deploy_victim
 
     model = build_model(name, args.source)
@@ -93,8 +134,8 @@ def bench_model(name: str, replicas: int, args, port: int, ledger, admin) -> dic
     clients = {
         "handle": ServedVictim(handle, api_key, **chunked),
         "http": ServedVictim(url, api_key, **chunked),
-        "handle-bulk": ServedVictim(handle, api_key, **bulk),
-        "http-bulk": ServedVictim(url, api_key, **bulk),
+        "handle-batches": ServedVictim(handle, api_key, **bulk),
+        "http-batches": ServedVictim(url, api_key, **bulk),
     }
     everything = [torch.cat([batches[i % len(batches)] for i in range(args.bulk_batches)])]
 
@@ -102,30 +143,49 @@ def bench_model(name: str, replicas: int, args, port: int, ledger, admin) -> dic
         with torch.no_grad():
             return model.predict_proba(x)
 
-    calls = {"in-process": (local, batches)}
-    calls.update({label: (client.predict_proba, batches) for label, client in clients.items() if "bulk" not in label})
-    calls.update({label: (client.predict_proba, everything) for label, client in clients.items() if "bulk" in label})
+    def attack_path(victim):
+        return lambda x: query_memberships(victim, x, args.batch_size)
+
+    bare, actors = bare_actor_path(model, replicas, args)
+    calls = {
+        "in-process": (local, batches),
+        "in-process-batches": (attack_path(model), everything),
+        "bare-actor-batches": (bare, everything),
+    }
+    calls.update({label: (client.predict_proba, batches) for label, client in clients.items() if "batches" not in label})
+    calls.update({label: (attack_path(client), everything) for label, client in clients.items() if "batches" in label})
     runs: dict[str, list[float]] = {label: [] for label in calls}
     for call, _ in calls.values():  # warm-up: first allocations, connections, replica start
         call(batches[0])
+    labels = list(calls)
     for round_index in range(args.rounds):
-        for label, (call, inputs) in calls.items():
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            call, inputs = calls[label]
             runs[label].append(images_per_s(call, inputs))
         print(
             f"  {name} x{replicas} round {round_index + 1}: "
-            + ", ".join(f"{label} {values[-1]:,.0f}" for label, values in runs.items() if values)
+            + ", ".join(f"{label} {values[-1]:,.0f}" for label, values in runs.items())
             + " images/s",
             flush=True,
         )
     for label, client in clients.items():
-        per_round = args.bulk_batches if "bulk" in label else args.batches
+        per_round = args.bulk_batches if "batches" in label else args.batches
         expected = (args.rounds * per_round + 1) * args.batch_size
         assert client.image_queries == expected, (label, client.image_queries, expected)
+        assert client.calls == args.rounds * per_round + 1, (label, client.calls)
         client.close()
+    import ray
     from ray import serve
 
     serve.delete(app)  # frees its CPUs for the next configuration
-    return {label: statistics.median(values) for label, values in runs.items()}
+    for actor in actors:
+        ray.kill(actor)
+    out = {label: statistics.median(values) for label, values in runs.items()}
+    for label in [*clients, "bare-actor-batches"]:
+        base = runs["in-process-batches" if "batches" in label else "in-process"]
+        out[f"{label} ratio"] = statistics.median(a / b for a, b in zip(runs[label], base, strict=True))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=8, help="victim calls per measurement")
     parser.add_argument(
-        "--bulk-batches", type=int, default=32, help="batches in one bulk call (32 x 256 = 8,192)"
+        "--bulk-batches", type=int, default=32, help="batches asked at once by the *-batches columns (32 x 256 = 8,192)"
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=128, help="images per request (per-call runs)")
@@ -168,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         admin = LedgerAdmin(ledger)
         names = ["source"] if args.source else args.models.split(",")
         print(
-            f"batch {args.batch_size}, {args.batches} calls x {args.rounds} rounds, bulk "
+            f"batch {args.batch_size}, {args.batches} calls x {args.rounds} rounds, batches "
             f"{args.bulk_batches} x {args.batch_size}, chunk "
             f"{args.chunk_size}, {args.in_flight} in flight, replicas {args.replicas}, "
             f"{args.torch_threads} torch threads, {os.cpu_count()} CPUs",
@@ -184,13 +244,22 @@ def main(argv: list[str] | None = None) -> int:
 
         kill_ledger(ledger)
     ray.shutdown()
-    print("\nmedian images/s, and ratio = served / in-process")
-    labels = ["handle", "http", "handle-bulk", "http-bulk"]
-    print(f"{'model x replicas':<16} {'in-process':>11} " + " ".join(f"{label:>18}" for label in labels))
+    print(
+        "\nmedian images/s, and in brackets the median over rounds of served / in-process "
+        "(the same round's in-process run of the same call pattern; target >= 0.9)"
+    )
+    labels = [
+        "in-process", "handle", "http",
+        "in-process-batches", "handle-batches", "http-batches", "bare-actor-batches",
+    ]
+    print(f"{'model x replicas':<16} " + " ".join(f"{label:>18}" for label in labels))
     for name, medians in results.items():
-        base = medians["in-process"]
-        cells = " ".join(f"{medians[label]:>11,.0f} ({medians[label] / base:.2f})" for label in labels)
-        print(f"{name:<16} {base:>11,.0f} {cells}")
+        cells = " ".join(
+            f"{medians[label]:>18,.0f}" if label.startswith("in-process")
+            else f"{medians[label]:>11,.0f} ({medians[label + ' ratio']:.2f})"
+            for label in labels
+        )
+        print(f"{name:<16} {cells}")
     return 0
 
 

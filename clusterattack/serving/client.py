@@ -247,7 +247,8 @@ class ServedVictim:
         self.mode: str = info["mode"]
         self.num_clusters: int = int(info["num_clusters"])
         self.input_shape: tuple[int, int, int] = tuple(int(d) for d in info["input_shape"])
-        self.chunk_size = min(int(chunk_size), int(info["max_images_per_request"]))
+        self.chunk_size_limit = int(info["max_images_per_request"])
+        self.chunk_size = min(int(chunk_size), self.chunk_size_limit)
         logger.info(
             "served victim %s (%s mode, %d clusters) via %s",
             self.name, self.mode, self.num_clusters, self._transport.describe(),
@@ -280,6 +281,26 @@ class ServedVictim:
             )
         scores = self._query(x)
         self._count_call()
+        return torch.from_numpy(scores).to(self.device)
+
+    def predict_proba_batches(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Memberships of ``x`` asked as calls of at most ``batch_size`` images, several in flight.
+
+        What an attack loop does when it has many images to ask at once (a surrogate's
+        distillation pool, the perturbed points of one gradient estimate): the same calls
+        of ``batch_size`` as asking them one at a time (each counted in ``calls``, each a
+        request of its own, capped by the server's request limit), but up to
+        ``max_in_flight`` of them outstanding, so the client's encoding, the transfer and
+        the replicas' models overlap instead of taking turns.
+        """
+        if self.mode != "scores":
+            raise ModeMismatch(
+                f"victim {self.name!r} is served in {self.mode!r} mode: it answers cluster "
+                "ids only; use predict()"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of images, got {batch_size!r}")
+        scores = self._query(x, min(batch_size, self.chunk_size_limit), chunks_are_calls=True)
         return torch.from_numpy(scores).to(self.device)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -330,12 +351,18 @@ class ServedVictim:
             raise ValueError("images must be finite and lie in [0, 1]")
         return images
 
-    def _query(self, x: torch.Tensor) -> np.ndarray:
+    def _query(
+        self, x: torch.Tensor, chunk_size: int | None = None, chunks_are_calls: bool = False
+    ) -> np.ndarray:
+        """Answers to ``x`` in requests of ``chunk_size``, up to ``max_in_flight`` outstanding;
+        with ``chunks_are_calls`` each answered request also counts as a call (even when a
+        later one fails, as its images were charged)."""
         images = self._images(x)
         if len(images) == 0:
             width = (self.num_clusters,) if self.mode == "scores" else ()
             return np.zeros((0, *width), np.float32 if self.mode == "scores" else np.int64)
-        starts = range(0, len(images), self.chunk_size)
+        chunk_size = chunk_size or self.chunk_size
+        starts = range(0, len(images), chunk_size)
         chunks = iter(enumerate(starts))
         results: list[np.ndarray | None] = [None] * len(starts)
         pending: dict[Future, int] = {}
@@ -347,7 +374,7 @@ class ServedVictim:
                 if item is None:
                     break
                 index, start = item
-                chunk = images[start : start + self.chunk_size]
+                chunk = images[start : start + chunk_size]
                 pending[self._pool.submit(self._call, chunk, self._next_id())] = index
             if not pending:
                 break
@@ -358,6 +385,9 @@ class ServedVictim:
                     results[index] = future.result()
                 except Exception as exc:
                     failures.append(exc)
+                else:
+                    if chunks_are_calls:
+                        self._count_call()
         if failures:
             raise failures[0]
         return np.concatenate(results)

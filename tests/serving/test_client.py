@@ -145,6 +145,41 @@ def test_budget_exceeded_is_raised_after_in_flight_chunks_finish_and_counts_matc
         assert (victim.image_queries, len(fake.calls)) == (32, 3)  # stopped at the first refusal
 
 
+def test_batches_are_calls_of_the_batch_size_kept_in_flight():
+    fake = FakeTransport(delay_s=0.02)
+    victim = ServedVictim(fake, "key", chunk_size=8, max_in_flight=4)
+    x = images(100)
+    scores = victim.predict_proba_batches(x, 32)
+    assert scores.shape == (100, 3) and torch.equal(scores, victim.predict_proba(x))
+    # 100 images as calls of 32: four calls (32, 32, 32, 4), four requests, overlapping.
+    assert sorted(n for _, n in fake.calls[:4]) == [4, 32, 32, 32]
+    assert (victim.image_queries, victim.calls, victim.requests) == (200, 5, 17)
+    assert 1 < fake.max_in_flight <= 4
+    # The server's request limit (64) caps a batch, and each capped request is a call.
+    victim.predict_proba_batches(images(130), 256)
+    assert [n for _, n in fake.calls[17:]] == [64, 64, 2] and victim.calls == 8
+    with pytest.raises(ValueError, match="batch_size"):
+        victim.predict_proba_batches(x, 0)
+    with pytest.raises(ModeMismatch):
+        ServedVictim(FakeTransport(mode="labels"), "key").predict_proba_batches(x, 8)
+    victim.close()
+
+
+def test_query_memberships_sends_a_served_victim_all_its_batches_at_once():
+    from clusterattack.attacks.gradients import query_memberships
+
+    fake = FakeTransport(budget=40, delay_s=0.01)
+    victim = ServedVictim(fake, "key", chunk_size=8, max_in_flight=4)
+    out = query_memberships(victim, images(24), 16)
+    assert out.shape == (24, 3) and sorted(n for _, n in fake.calls) == [8, 16]
+    assert (victim.image_queries, victim.calls) == (24, 2) and fake.max_in_flight == 2
+    # Budget exhaustion part-way: the answered calls are counted, the rest raise.
+    with pytest.raises(BudgetExceeded):
+        query_memberships(victim, images(32), 8)
+    assert victim.image_queries == 40 - fake.remaining == 40
+    assert victim.calls == 2 + 2 and victim.requests == len(fake.charged)
+
+
 def test_labels_mode_refuses_scores():
     victim = ServedVictim(FakeTransport(mode="labels"), "key")
     with pytest.raises(ModeMismatch, match="labels"):

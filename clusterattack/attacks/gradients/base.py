@@ -19,16 +19,24 @@ def query_memberships(victim: Victim, images: torch.Tensor, batch_size: int) -> 
     The only way the black-box sources reach a victim: detached CPU inputs, no autograd,
     outputs copied into a fresh tensor, so nothing can flow back into (or read out of) the
     victim's parameters. Counting is the victim's business (ServedVictim and its ledger).
+    A victim with ``predict_proba_batches`` (``ServedVictim``) gets all the images at once
+    and asks them as the same calls of ``batch_size`` with several in flight.
     """
     if images.shape[0] == 0:
         return torch.empty(0, victim.num_clusters)
-    out = []
+    batches = getattr(victim, "predict_proba_batches", None)
     with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            chunk = images[start : start + batch_size].detach().to("cpu", torch.float32)
-            probs = victim.predict_proba(chunk.contiguous())
-            out.append(torch.as_tensor(probs).detach().to("cpu", torch.float32).clone())
-    probs = torch.cat(out)
+        if callable(batches):
+            # A served victim asks the same calls of batch_size with several in flight.
+            whole = images.detach().to("cpu", torch.float32).contiguous()
+            probs = torch.as_tensor(batches(whole, batch_size)).detach().to("cpu", torch.float32).clone()
+        else:
+            out = []
+            for start in range(0, images.shape[0], batch_size):
+                chunk = images[start : start + batch_size].detach().to("cpu", torch.float32)
+                probs = victim.predict_proba(chunk.contiguous())
+                out.append(torch.as_tensor(probs).detach().to("cpu", torch.float32).clone())
+            probs = torch.cat(out)
     if probs.shape != (images.shape[0], victim.num_clusters):
         raise ValueError(
             f"victim returned memberships of shape {tuple(probs.shape)}, expected "
