@@ -16,7 +16,12 @@ from torch import nn
 
 @runtime_checkable
 class Victim(Protocol):
-    """Score-based black box: float images in [0, 1], N x C x H x W -> memberships N x K."""
+    """Score-based black box: float images in [0, 1], N x C x H x W -> memberships N x K.
+
+    A victim may also offer ``predict_proba_batches(x, batch_size)``: the same answers,
+    asked as calls of at most ``batch_size`` images that it may overlap (``ServedVictim``
+    keeps several in flight); ``attacks.gradients.query_memberships`` uses it when present.
+    """
 
     num_clusters: int
     input_shape: tuple[int, int, int]
