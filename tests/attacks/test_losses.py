@@ -79,3 +79,20 @@ def test_gan_losses_reward_the_right_side(kind):
     assert generator_gan_loss(confident_real, kind).item() < generator_gan_loss(confident_fake, kind).item()
     with pytest.raises(ValueError, match="'wgan'"):
         generator_gan_loss(confident_real, "wgan")
+
+
+@pytest.mark.parametrize(("scale", "temperature", "warned"), [(0.2, 1.0, True), (0.2, 0.3, False), (3.0, 1.0, False)])
+def test_soft_memberships_under_an_unsharpened_mi_term_are_pointed_out(
+    blobs, config, caplog, scale, temperature, warned
+):
+    from clusterattack.attacks import train_generator
+    from tests.attacks.conftest import LinearSoftmaxVictim
+
+    soft = LinearSoftmaxVictim(blobs[3], scale=scale).eval()
+    with torch.no_grad():
+        confidence = float(soft.predict_proba(blobs[0]).max(1).values.mean())
+    assert (confidence < 0.6) == (scale < 1), confidence
+    cfg = config(gradient_source="whitebox", epochs=1, mi_temperature=temperature)
+    with caplog.at_level("WARNING", logger="clusterattack.attacks.gan"):
+        train_generator(soft, blobs[0], cfg, progress=False)
+    assert any("memberships are soft" in r.getMessage() for r in caplog.records) is warned
