@@ -19,6 +19,7 @@ import sys
 from clusterattack.precision import PRECISIONS
 from clusterattack.tracking import ui_command
 from clusterattack.victims import PRESETS, VICTIMS, TrainJob, run_train_job
+from clusterattack.victims.training import DEFAULT_CACHE_DIR
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default runs/checkpoints/<model>-<dataset>-<preset>-s<seed>",
     )
     p.add_argument(
-        "--cache-dir", default="runs/cache", help="shared pretext / SCAN results ('' disables)"
+        "--cache-dir", default=DEFAULT_CACHE_DIR, help="shared pretext / SCAN results ('' disables)"
     )
     p.add_argument(
         "--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir"

@@ -274,11 +274,7 @@ class ServedVictim:
     # ------------------------------------------------------------------ Victim contract
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Soft memberships N x K (float32) of images N x C x H x W in [0, 1]."""
-        if self.mode != "scores":
-            raise ModeMismatch(
-                f"victim {self.name!r} is served in {self.mode!r} mode: it answers cluster "
-                "ids only; use predict()"
-            )
+        self._require_scores()
         scores = self._query(x)
         self._count_call()
         return torch.from_numpy(scores).to(self.device)
@@ -293,11 +289,7 @@ class ServedVictim:
         ``max_in_flight`` of them outstanding, so the client's encoding, the transfer and
         the replicas' models overlap instead of taking turns.
         """
-        if self.mode != "scores":
-            raise ModeMismatch(
-                f"victim {self.name!r} is served in {self.mode!r} mode: it answers cluster "
-                "ids only; use predict()"
-            )
+        self._require_scores()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of images, got {batch_size!r}")
         scores = self._query(x, min(batch_size, self.chunk_size_limit), chunks_are_calls=True)
@@ -334,6 +326,13 @@ class ServedVictim:
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def _require_scores(self) -> None:
+        if self.mode != "scores":
+            raise ModeMismatch(
+                f"victim {self.name!r} is served in {self.mode!r} mode: it answers cluster "
+                "ids only; use predict()"
+            )
+
     def _count_call(self) -> None:
         with self._lock:
             self.calls += 1

@@ -19,6 +19,7 @@ from clusterattack.precision import check_precision
 from clusterattack.victims.io import save_victim
 from clusterattack.victims.registry import PRESETS, get_spec
 from clusterattack.victims.training import (
+    DEFAULT_CACHE_DIR,
     TrainContext,
     TrainData,
     evaluate_clustering,
@@ -48,7 +49,7 @@ class TrainJob:
     device: str = "auto"
     epochs: int | None = None
     checkpoint_dir: str | None = None
-    cache_dir: str | None = "runs/cache"
+    cache_dir: str | None = DEFAULT_CACHE_DIR
     resume: bool = False
     register: bool = True
     num_threads: int | None = None

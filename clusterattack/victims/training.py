@@ -122,6 +122,11 @@ class TrainData:
         return src[index.to(src.device)].to(device, non_blocking=True).float().div_(255.0)
 
 
+#: Where shared results (contrastive pretexts, SCAN for RUC, the attacker's backbones) are
+#: cached unless a job says otherwise.
+DEFAULT_CACHE_DIR = "runs/cache"
+
+
 @dataclass
 class TrainContext:
     """Where and how a recipe runs: device, seed, threads, checkpoints, cache, progress, callbacks.

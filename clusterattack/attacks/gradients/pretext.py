@@ -22,19 +22,19 @@ from torch import nn
 
 from clusterattack.victims.backbones import Backbone, BackboneConfig, backbone_for, mlp
 from clusterattack.victims.pretext import PretextRecipe, pretext_backbone
-from clusterattack.victims.training import TrainContext, TrainData
+from clusterattack.victims.training import DEFAULT_CACHE_DIR, TrainContext, TrainData
 
-__all__ = ["PretextSurrogate", "attacker_backbone", "cache_dir"]
+__all__ = ["PretextSurrogate", "attacker_backbone", "attacker_cache_dir"]
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CLUSTERATTACK_CACHE_DIR"
 
 
-def cache_dir() -> Path | None:
-    """Where attacker backbones are cached: ``$CLUSTERATTACK_CACHE_DIR``, else ``runs/cache``
-    (the victims' cache of jobs/train_victims.py); an empty value disables the cache."""
-    value = os.environ.get(CACHE_ENV, "runs/cache")
+def attacker_cache_dir() -> Path | None:
+    """Where attacker backbones are cached: ``$CLUSTERATTACK_CACHE_DIR``, else the victims'
+    cache (``DEFAULT_CACHE_DIR``, as jobs/train_victims.py); an empty value disables it."""
+    value = os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR)
     return Path(value) if value else None
 
 

@@ -20,7 +20,11 @@ from torch.nn import functional as F
 
 from clusterattack.attacks.config import SurrogateConfig
 from clusterattack.attacks.gradients.base import GradientSource, query_memberships
-from clusterattack.attacks.gradients.pretext import PretextSurrogate, attacker_backbone, cache_dir
+from clusterattack.attacks.gradients.pretext import (
+    PretextSurrogate,
+    attacker_backbone,
+    attacker_cache_dir,
+)
 from clusterattack.precision import autocast
 from clusterattack.victims.base import Victim
 
@@ -233,7 +237,8 @@ class SurrogateSource(GradientSource):
             # The attacker's own contrastive backbone, trained on the images it holds (the
             # pool it queried) with a seed of its own: no label, no query, no victim weight.
             pretext = attacker_backbone(
-                images, self.config.pretext_epochs, self.pretext_seed, self.device, cache_dir(), progress
+                images, self.config.pretext_epochs, self.pretext_seed, self.device,
+                attacker_cache_dir(), progress,
             )
         for member in range(self.config.ensemble):
             torch.manual_seed(self._seed * 1000 + member)
