@@ -24,8 +24,12 @@ from clusterattack.victims.base import DecisionVictim, Victim
 class FakeTransport:
     """An in-memory server: a budget, optional scripted failures, and a call log."""
 
-    def __init__(self, mode="scores", budget=10_000, delay_s=0.0, failures=None, num_clusters=3):
+    def __init__(self, mode="scores", budget=10_000, delay_s=0.0, failures=None, num_clusters=3, gate=None):
         self.mode = mode
+        # With ``gate`` set, calls hold until that many are in flight at once (then all go):
+        # a client that does not overlap its requests waits out the timeout instead.
+        self.gate = gate
+        self.opened = threading.Event()
         self.remaining = budget
         self.delay_s = delay_s
         self.failures = dict(failures or {})  # call number -> exception raised then
@@ -37,10 +41,10 @@ class FakeTransport:
         self.lock = threading.Lock()
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("lock", "opened")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, lock=threading.Lock())
+        self.__dict__.update(state, lock=threading.Lock(), opened=threading.Event())
 
     def info(self, api_key):
         return {"name": "fake", "mode": self.mode, "num_clusters": self.num_clusters,
@@ -58,7 +62,11 @@ class FakeTransport:
             self.calls.append((request_id, len(images)))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.gate is not None and self.in_flight >= self.gate:
+                self.opened.set()
         try:
+            if self.gate is not None:
+                self.opened.wait(timeout=2.0)
             time.sleep(self.delay_s)
             if number in self.failures:
                 raise self.failures[number]
@@ -80,7 +88,7 @@ def images(n, seed=0):
 
 
 def test_satisfies_the_victim_contracts_and_counts_chunks():
-    fake = FakeTransport(delay_s=0.02)
+    fake = FakeTransport(gate=4)
     victim = ServedVictim(fake, "key", chunk_size=16, max_in_flight=4)
     assert isinstance(victim, Victim) and isinstance(victim, DecisionVictim)
     assert (victim.num_clusters, victim.input_shape, victim.mode) == (3, (1, 4, 4), "scores")
@@ -88,7 +96,7 @@ def test_satisfies_the_victim_contracts_and_counts_chunks():
     assert scores.shape == (100, 3) and scores.dtype == torch.float32
     assert (victim.image_queries, victim.calls, victim.requests) == (100, 1, 7)
     assert sorted(n for _, n in fake.calls) == [4] + [16] * 6
-    assert 1 < fake.max_in_flight <= 4
+    assert fake.max_in_flight == 4  # four overlapped, never more
     labels = victim.predict(images(5))
     assert labels.dtype == torch.int64 and labels.shape == (5,)
     assert victim.counts() == {"image_queries": 105, "calls": 2, "requests": 8, "retries": 0}
@@ -146,7 +154,7 @@ def test_budget_exceeded_is_raised_after_in_flight_chunks_finish_and_counts_matc
 
 
 def test_batches_are_calls_of_the_batch_size_kept_in_flight():
-    fake = FakeTransport(delay_s=0.02)
+    fake = FakeTransport(gate=4)
     victim = ServedVictim(fake, "key", chunk_size=8, max_in_flight=4)
     x = images(100)
     scores = victim.predict_proba_batches(x, 32)
@@ -154,7 +162,7 @@ def test_batches_are_calls_of_the_batch_size_kept_in_flight():
     # 100 images as calls of 32: four calls (32, 32, 32, 4), four requests, overlapping.
     assert sorted(n for _, n in fake.calls[:4]) == [4, 32, 32, 32]
     assert (victim.image_queries, victim.calls, victim.requests) == (200, 5, 17)
-    assert 1 < fake.max_in_flight <= 4
+    assert fake.max_in_flight == 4  # the four calls of 32 overlapped
     # The server's request limit (64) caps a batch, and each capped request is a call.
     victim.predict_proba_batches(images(130), 256)
     assert [n for _, n in fake.calls[17:]] == [64, 64, 2] and victim.calls == 8
