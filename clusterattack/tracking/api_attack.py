@@ -46,7 +46,7 @@ def log_api_attack(result: Any, experiment: str = API_ATTACK_EXPERIMENT, run_nam
     shown = result.service.get("architecture") or Path(service_model).name
     grouping = result.service.get("grouping", {}).get("method", "")
     name = run_name or (
-        f"api-{shown}{'-' + grouping if grouping else ''}-{config.attack.norm}{config.attack.eps:g}-s{config.seed}"
+        f"api-{shown}{'-' + grouping if grouping else ''}-{config.attack.norm}-eps{config.attack.eps:g}-s{config.seed}"
     )
     tags = {
         "dataset": config.dataset,

@@ -12,13 +12,49 @@ import mlflow
 
 from clusterattack.tracking.store import configure, log_metrics, log_params, start_run
 
-__all__ = ["ATTACK_EXPERIMENT", "GENERATOR_ARTIFACT", "download_generator", "log_attack_report"]
+__all__ = ["ATTACK_EXPERIMENT", "GENERATOR_ARTIFACT", "attack_run_name", "download_generator", "log_attack_report"]
 
 log = logging.getLogger(__name__)
 
 ATTACK_EXPERIMENT = "attacks"
 GENERATOR_ARTIFACT = "generator/generator.pt"
 _TAG_KEYS = ("victim", "dataset", "gradient_source", "norm", "eps", "attack_loss", "seed", "stopped")
+
+
+def attack_run_name(victim: str, config: Any) -> str:
+    """``<victim>-<source>-<norm>-eps<eps>[-...]-s<seed>``: what the attack was, readable in the MLflow UI.
+
+    Beyond the gradient source, norm, eps and seed, the name carries the choices that
+    change what a run measured when they differ from the defaults: the paper's attack term,
+    a target cluster, a sharpened mutual-information term, the surrogate's architecture or
+    ensemble, and the estimator's method, samples and transfer prior. Every parameter is
+    logged with the run anyway; the name is for telling runs apart in a list.
+    """
+    from clusterattack.attacks.config import AttackConfig, EstimatorConfig, SurrogateConfig
+
+    parts = [victim, config.gradient_source, f"{config.norm}-eps{config.eps:g}"]
+    if config.attack_loss != AttackConfig.attack_loss:
+        parts.append(config.attack_loss)
+    if config.target_cluster is not None:
+        parts.append(f"target{config.target_cluster}")
+    untargeted_mi = config.attack_loss == "mutual_info" and config.target_cluster is None
+    if untargeted_mi and config.mi_temperature != AttackConfig.mi_temperature:
+        parts.append(f"T{config.mi_temperature:g}")
+    if config.gradient_source == "surrogate" or config.estimator.prior == "surrogate":
+        sur = config.surrogate
+        if sur.arch != SurrogateConfig.arch:
+            parts.append(sur.arch)
+        if sur.ensemble != SurrogateConfig.ensemble:
+            parts.append(f"ens{sur.ensemble}")
+    if config.gradient_source == "estimate":
+        est = config.estimator
+        if est.method != EstimatorConfig.method:
+            parts.append(est.method)
+        parts.append(f"q{est.samples}")
+        if est.prior != EstimatorConfig.prior:
+            parts.append(f"prior-{est.prior}")
+    parts.append(f"s{config.seed}")
+    return "-".join(parts)
 
 
 def log_attack_report(report: Any, experiment: str = ATTACK_EXPERIMENT, run_name: str | None = None) -> str:
@@ -34,7 +70,7 @@ def log_attack_report(report: Any, experiment: str = ATTACK_EXPERIMENT, run_name
 
     record = report.record()
     config = report.result.config
-    name = run_name or f"{record['victim']}-{config.gradient_source}-{config.norm}{config.eps:g}-s{config.seed}"
+    name = run_name or attack_run_name(record["victim"], config)
     tags = {key: str(record[key]) for key in _TAG_KEYS}
     tags["black_box"] = str(config.black_box)
     with start_run(experiment, run_name=name, tags=tags) as run:

@@ -82,3 +82,26 @@ def test_query_cost_helpers():
     assert sur.total_queries() == 1700
     assert AttackConfig(gradient_source="whitebox").black_box is False
     assert AttackConfig(gradient_source="estimate").black_box is True
+
+
+def test_attack_run_names_tell_apart_what_changes_the_attack():
+    from clusterattack.tracking.attacks import attack_run_name
+
+    base = AttackConfig()
+    assert attack_run_name("cc", base) == "cc-surrogate-linf-eps0.1-s0"
+    # Two runs that differ only in the sharpening of the MI term no longer share a name.
+    assert attack_run_name("mice", base.override(mi_temperature=0.3)) == "mice-surrogate-linf-eps0.1-T0.3-s0"
+    black = base.override(
+        gradient_source="estimate", eps=0.05, seed=3,
+        **{"estimator.prior": "surrogate", "estimator.samples": 1, "surrogate.arch": "pretext"},
+    )
+    assert attack_run_name("scan", black) == "scan-estimate-linf-eps0.05-pretext-q1-prior-surrogate-s3"
+    # A targeted run says so; its (unused) temperature and an unused surrogate arch do not show.
+    targeted = base.override(
+        gradient_source="whitebox", norm="l2", eps=2.0, target_cluster=4, mi_temperature=0.3,
+        **{"surrogate.arch": "pretext"},
+    )
+    assert attack_run_name("ruc", targeted) == "ruc-whitebox-l2-eps2-target4-s0"
+    assert attack_run_name("nnm", base.override(attack_loss="paper", **{"surrogate.ensemble": 3})) == (
+        "nnm-surrogate-linf-eps0.1-paper-ens3-s0"
+    )
