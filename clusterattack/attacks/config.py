@@ -276,6 +276,12 @@ class AttackConfig:
                 nested[key] = value
             else:
                 raise ValueError(f"unknown attack config key {key!r}; expected one of {sorted(known)}")
+        for head, sub_cls in (("estimator", EstimatorConfig), ("surrogate", SurrogateConfig)):
+            allowed = {f.name for f in fields(sub_cls)}
+            unknown = sorted(set(sub[head]) - allowed)
+            if unknown:
+                names = ", ".join(f"{head}.{k}" for k in unknown)
+                raise ValueError(f"unknown attack config key(s) {names}; {head} takes {sorted(allowed)}")
         if "lr_milestones" in nested:
             nested["lr_milestones"] = tuple(nested["lr_milestones"])
         return cls(

@@ -53,7 +53,13 @@ def load_generator(path: str | Path, device: str = "cpu") -> tuple[Generator, At
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise ValueError(f"{path} is not a generator file (format {FORMAT!r}), found {found!r}")
-    config = AttackConfig.from_dict(blob["config"])
+    try:
+        config = AttackConfig.from_dict(blob["config"])
+    except ValueError as err:
+        raise ValueError(
+            f"{path}: its attack config does not load in this version of clusterattack ({err}); "
+            "it was saved by another version"
+        ) from None
     generator = Generator(tuple(blob["input_shape"]), config.generator_width, config.generator_blocks)
     generator.load_state_dict(blob["state_dict"])
     return generator.to(device).eval(), config, blob.get("extra", {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from clusterattack.attacks import AttackConfig, EstimatorConfig, SurrogateConfig
 
@@ -74,6 +75,27 @@ def test_override_validates_and_rejects_unknown_keys():
         cfg.override(eps=-1.0)
     with pytest.raises(ValueError, match="unknown attack config key"):
         AttackConfig.from_dict({"bogus": 1})
+    # A nested key this version does not know (a file from another version) is named, not a TypeError.
+    saved = cfg.to_dict()
+    saved["surrogate"]["feature_weight"] = 1.0
+    with pytest.raises(ValueError, match=r"surrogate\.feature_weight; surrogate takes \["):
+        AttackConfig.from_dict(saved)
+    with pytest.raises(ValueError, match=r"estimator\.rounds"):
+        AttackConfig.from_dict({"estimator.rounds": 3})
+
+
+def test_a_generator_file_from_another_version_is_refused_by_name(tmp_path):
+    from clusterattack.attacks.generator import Generator
+    from clusterattack.attacks.io import load_generator, save_generator
+
+    cfg = AttackConfig(generator_width=4)
+    path = save_generator(Generator((1, 8, 8), 4, cfg.generator_blocks), cfg, tmp_path / "g.pt")
+    assert load_generator(path)[1] == cfg
+    blob = torch.load(path, weights_only=True)
+    blob["config"]["surrogate"]["feature_weight"] = 1.0
+    torch.save(blob, path)
+    with pytest.raises(ValueError, match="g.pt: its attack config does not load.*surrogate.feature_weight"):
+        load_generator(path)
 
 
 def test_query_cost_helpers():
