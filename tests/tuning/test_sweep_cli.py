@@ -63,8 +63,8 @@ def test_ray_job_submit_runs_the_sweep_on_a_local_cluster(tmp_path):
 
 def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     env = sweep_env(tmp_path)
-    # Grace period 4: ASHA stops no trial right after its first checkpoint, so the trial
-    # whose checkpoint triggers the interrupt is still mid-way and must resume from it
+    # Grace period 4: ASHA stops no trial before its fourth epoch, so the trial whose
+    # second checkpoint triggers the interrupt is still mid-way and must resume from it
     # (with the tiny preset's grace period of 1, ASHA could end it there, a flaky race).
     args = sweep_args(tmp_path, "resumable", "--epochs", "5", "--grace-period", "4")
     experiment_dir = tmp_path / "sweeps" / "resumable"
@@ -73,9 +73,13 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
         # A file, not a pipe: Tune's progress output would fill a pipe nobody reads yet.
         process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        # Ctrl-C as soon as a trial has saved its first checkpoint: the others are mid-way.
+        # Ctrl-C as soon as a trial has saved its second checkpoint. The first one on disk is
+        # not enough: the trial writes it before Tune's driver takes in the report and
+        # registers it, and a Ctrl-C in between left no checkpoint to resume from (seen in CI).
+        # A trial's next report waits until the driver has processed the previous one, save
+        # included, so a second checkpoint on disk means the first is registered.
         deadline = time.monotonic() + 400
-        while not list(experiment_dir.glob("cc-digits/*/checkpoint_000000")):
+        while not list(experiment_dir.glob("cc-digits/*/checkpoint_000001")):
             assert process.poll() is None, _tail(log.read_text())
             assert time.monotonic() < deadline, "no trial checkpoint within 400 s"
             time.sleep(0.5)
