@@ -30,8 +30,8 @@ from pathlib import Path
 
 from clusterattack.serving.config import MODES, AutoscalingSpec, ServeConfig
 from clusterattack.serving.deployment import KeySpec, launch_victims
-from clusterattack.serving.ledger import default_ledger_path
 from clusterattack.serving.ledger_actor import LedgerConfig
+from clusterattack.serving.ledger_records import default_ledger_path
 
 
 def parse_victim(text: str) -> tuple[str, str]:

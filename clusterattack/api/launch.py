@@ -16,8 +16,8 @@ from clusterattack.api.config import AlbumServiceConfig
 from clusterattack.api.service import AlbumDeployment, ModelSource, store_actor_name
 from clusterattack.api.store import kill_album_store
 from clusterattack.serving.deployment import KeySpec, Launched, check_app_name, start_serve
-from clusterattack.serving.ledger import IssuedKey
 from clusterattack.serving.ledger_actor import LedgerAdmin, LedgerConfig, kill_ledger
+from clusterattack.serving.ledger_records import IssuedKey
 
 __all__ = ["build_album_app", "deploy_album_service", "launch_album_service", "local_album_service"]
 

@@ -65,8 +65,8 @@ from clusterattack.serving.http_common import (
     render_validation_error,
 )
 from clusterattack.serving.http_models import BudgetResponse
-from clusterattack.serving.ledger import hash_api_key
 from clusterattack.serving.ledger_actor import AsyncLedgerClient, LedgerConfig
+from clusterattack.serving.ledger_records import hash_api_key
 from clusterattack.serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)

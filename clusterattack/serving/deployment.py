@@ -60,8 +60,8 @@ from clusterattack.serving.http_models import (
     ResetRequest,
     ScoresResponse,
 )
-from clusterattack.serving.ledger import IssuedKey, hash_api_key
 from clusterattack.serving.ledger_actor import AsyncLedgerClient, LedgerAdmin, LedgerConfig
+from clusterattack.serving.ledger_records import IssuedKey, hash_api_key
 from clusterattack.serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)

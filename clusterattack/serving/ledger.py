@@ -15,11 +15,11 @@ refunded within ``reservation_ttl_s`` (replica died, no retry came) is refunded:
 replica neither loses images nor counts them twice.
 
 Keys are stored as SHA-256 hashes: they are 256-bit random tokens, so a slow password
-hash adds nothing; the plaintext exists only in the answer to ``create_key``."""
+hash adds nothing; the plaintext exists only in the answer to ``create_key``. The schema,
+the records and the checks on admin input are in ``ledger_records``."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -29,9 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from clusterattack.serving.errors import (
     BadRequest,
@@ -43,97 +41,18 @@ from clusterattack.serving.errors import (
     ServingError,
     Unauthorized,
 )
+from clusterattack.serving.ledger_records import (
+    ROLES,
+    SCHEMA,
+    IssuedKey,
+    KeyStatus,
+    Reservation,
+    check_budget,
+    check_rate,
+    hash_api_key,
+)
 
 logger = logging.getLogger(__name__)
-
-ROLES = ("attacker", "admin")
-#: The paper queries in batches of 256 images; a default burst below that would
-#: make every paper-sized call impossible under any rate limit.
-MIN_DEFAULT_BURST = 256.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_hash     TEXT PRIMARY KEY,
-    key_id       TEXT UNIQUE NOT NULL,
-    name         TEXT NOT NULL,
-    role         TEXT NOT NULL CHECK (role IN ('attacker', 'admin')),
-    budget_total INTEGER NOT NULL CHECK (budget_total >= 0),
-    used         INTEGER NOT NULL DEFAULT 0 CHECK (used >= 0),
-    rate_per_s   REAL,
-    burst        REAL NOT NULL,
-    tokens       REAL NOT NULL,
-    tokens_at    REAL NOT NULL,
-    revoked      INTEGER NOT NULL DEFAULT 0,
-    created_at   REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS reservations (
-    key_id     TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    digest     TEXT NOT NULL,
-    images     INTEGER NOT NULL CHECK (images > 0),
-    state      TEXT NOT NULL CHECK (state IN ('reserved', 'committed', 'refunded')),
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (key_id, request_id)
-);
-CREATE INDEX IF NOT EXISTS reservations_by_state ON reservations (state, updated_at);
-"""
-
-
-def hash_api_key(api_key: str) -> str:
-    """The stored form of an API key (hex SHA-256); replicas send only this to the ledger."""
-    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
-
-
-def default_ledger_path() -> str:
-    """``$CLUSTERATTACK_LEDGER_PATH`` or ``~/.clusterattack/ledger.sqlite``."""
-    return os.environ.get(
-        "CLUSTERATTACK_LEDGER_PATH", str(Path.home() / ".clusterattack" / "ledger.sqlite")
-    )
-
-
-@dataclass(frozen=True)
-class KeyStatus:
-    """What a key may still spend. ``rate_per_s`` None means no rate limit."""
-
-    key_id: str
-    name: str
-    role: str
-    budget_total: int
-    used: int
-    remaining: int
-    rate_per_s: float | None
-    burst: float
-    tokens: float
-    refill_s: float
-    revoked: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class IssuedKey:
-    """A key as created: the only time its plaintext ``api_key`` is ever visible."""
-
-    key_id: str
-    api_key: str
-    name: str
-    role: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """An accepted charge. ``replayed`` is True when the request id was already charged."""
-
-    key_id: str
-    request_id: str
-    images: int
-    remaining: int
-    replayed: bool
 
 
 class BudgetLedger:
@@ -189,7 +108,7 @@ class BudgetLedger:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA busy_timeout=30000")
-        self._conn.executescript(_SCHEMA)
+        self._conn.executescript(SCHEMA)
         if on_change is not None:
             for status in self.list_keys():
                 on_change(status)
@@ -477,8 +396,8 @@ class BudgetLedger:
             raise BadRequest(f"key name must be a string of 1 to 64 characters, got {name!r}")
         if role not in ROLES:
             raise BadRequest(f"role must be one of {ROLES}, got {role!r}")
-        _check_budget(budget)
-        rate, bucket = _check_rate(rate_per_s, burst)
+        check_budget(budget)
+        rate, bucket = check_rate(rate_per_s, burst)
         if api_key is not None and len(api_key) < 16:
             raise BadRequest(f"an imported API key needs at least 16 characters, got {len(api_key)}")
         secret = api_key or "ca_" + secrets.token_urlsafe(32)
@@ -502,7 +421,7 @@ class BudgetLedger:
 
     def grant(self, key_id: str, images: int) -> KeyStatus:
         """Add ``images`` image-queries to the key's total budget."""
-        _check_budget(images)
+        check_budget(images)
         return self._admin_update(key_id, "budget_total = budget_total + ?", (images,))
 
     def reset(self, key_id: str, budget: int | None = None) -> KeyStatus:
@@ -512,7 +431,7 @@ class BudgetLedger:
             return self._admin_update(
                 key_id, "used = 0, tokens = burst, tokens_at = ?", (now,)
             )
-        _check_budget(budget)
+        check_budget(budget)
         return self._admin_update(
             key_id, "used = 0, budget_total = ?, tokens = burst, tokens_at = ?", (budget, now)
         )
@@ -523,7 +442,7 @@ class BudgetLedger:
 
     def set_rate(self, key_id: str, rate_per_s: float | None, burst: float | None = None) -> KeyStatus:
         """Change the key's rate limit (None removes it); the bucket starts full."""
-        rate, bucket = _check_rate(rate_per_s, burst)
+        rate, bucket = check_rate(rate_per_s, burst)
         return self._admin_update(
             key_id,
             "rate_per_s = ?, burst = ?, tokens = ?, tokens_at = ?",
@@ -573,17 +492,3 @@ class BudgetLedger:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-
-def _check_budget(images: Any) -> None:
-    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
-        raise BadRequest(f"a budget must be a non-negative integer of image-queries, got {images!r}")
-
-
-def _check_rate(rate_per_s: float | None, burst: float | None) -> tuple[float | None, float]:
-    if rate_per_s is not None and not (math.isfinite(rate_per_s) and rate_per_s > 0):
-        raise BadRequest(f"rate_per_s must be a positive finite number or None, got {rate_per_s!r}")
-    if burst is not None and not (math.isfinite(burst) and burst >= 1):
-        raise BadRequest(f"burst must be a finite number >= 1 image, got {burst!r}")
-    default = MIN_DEFAULT_BURST if rate_per_s is None else max(float(rate_per_s), MIN_DEFAULT_BURST)
-    return (None if rate_per_s is None else float(rate_per_s)), float(burst or default)

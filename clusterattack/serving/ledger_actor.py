@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clusterattack.serving.errors import ServiceUnavailable, ServingError, unwrap_error
-from clusterattack.serving.ledger import (
-    BudgetLedger,
+from clusterattack.serving.ledger import BudgetLedger
+from clusterattack.serving.ledger_records import (
     IssuedKey,
     KeyStatus,
     default_ledger_path,

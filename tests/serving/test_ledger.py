@@ -17,8 +17,9 @@ from clusterattack.serving.errors import (
     RequestConflict,
     Unauthorized,
 )
-from clusterattack.serving.ledger import BudgetLedger, hash_api_key
+from clusterattack.serving.ledger import BudgetLedger
 from clusterattack.serving.ledger_actor import LedgerConfig
+from clusterattack.serving.ledger_records import hash_api_key
 
 
 class FakeClock:

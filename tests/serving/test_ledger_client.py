@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from clusterattack.serving.errors import BudgetExceeded
-from clusterattack.serving.ledger import hash_api_key
 from clusterattack.serving.ledger_actor import AsyncLedgerClient
+from clusterattack.serving.ledger_records import hash_api_key
 
 pytestmark = pytest.mark.slow
 
