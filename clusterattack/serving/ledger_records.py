@@ -105,7 +105,6 @@ class Reservation:
     replayed: bool
 
 
-
 def check_budget(images: Any) -> None:
     if isinstance(images, bool) or not isinstance(images, int) or images < 0:
         raise BadRequest(f"a budget must be a non-negative integer of image-queries, got {images!r}")
