@@ -26,7 +26,9 @@ def attack_run_name(victim: str, config: Any) -> str:
 
     Beyond the gradient source, norm, eps and seed, the name carries the choices that
     change what a run measured when they differ from the defaults: the paper's attack term,
-    a target cluster, a sharpened mutual-information term, the surrogate's architecture or
+    a target cluster, a sharpened mutual-information term, the loss weights (``aa``
+    alpha_a, ``ac`` alpha_c, ``ag`` alpha_gan), the generator's training images (``n``),
+    its learning-rate steps (``lr<milestones>x<gamma>``), the surrogate's architecture or
     ensemble, and the estimator's method, samples and transfer prior. Every parameter is
     logged with the run anyway; the name is for telling runs apart in a list.
     """
@@ -40,6 +42,13 @@ def attack_run_name(victim: str, config: Any) -> str:
     untargeted_mi = config.attack_loss == "mutual_info" and config.target_cluster is None
     if untargeted_mi and config.mi_temperature != AttackConfig.mi_temperature:
         parts.append(f"T{config.mi_temperature:g}")
+    for tag, field in (("aa", "alpha_a"), ("ac", "alpha_c"), ("ag", "alpha_gan")):
+        if getattr(config, field) != getattr(AttackConfig, field):
+            parts.append(f"{tag}{getattr(config, field):g}")
+    if config.train_limit is not None:
+        parts.append(f"n{config.train_limit}")
+    if config.lr_milestones:
+        parts.append("lr" + "_".join(str(m) for m in config.lr_milestones) + f"x{config.lr_gamma:g}")
     if config.gradient_source == "surrogate" or config.estimator.prior == "surrogate":
         sur = config.surrogate
         if sur.arch != SurrogateConfig.arch:
