@@ -187,6 +187,13 @@ class AttackConfig:
     lr_milestones: tuple[int, ...] = ()  # epochs at which lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     train_limit: int | None = None  # train images the generator sees (None: all)
+    # Held-out training images (0: none) on which, after every epoch, the victim is asked
+    # for the memberships of the generator's perturbations: the epoch whose perturbed
+    # assignments share the least information with the clean ones (NMI; for a targeted
+    # run, the most images in the target cluster) is the generator kept. Labels are never
+    # used; the queries are counted with the rest. They are held out of the generator's
+    # training images (and of a surrogate's distillation pool).
+    select_images: int = 0
     generator_width: int = 8  # AdvGAN: 8-16-32 channels
     generator_blocks: int = 4
     discriminator_width: int = 8
@@ -227,6 +234,7 @@ class AttackConfig:
         _positive("lr_gamma", self.lr_gamma)
         if self.train_limit is not None:
             _positive_int("train_limit", self.train_limit, minimum=2)
+        _positive_int("select_images", self.select_images, minimum=0)
         _positive_int("generator_width", self.generator_width, minimum=2)
         _positive_int("generator_blocks", self.generator_blocks, minimum=0)
         _positive_int("discriminator_width", self.discriminator_width, minimum=2)

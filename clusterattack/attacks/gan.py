@@ -105,6 +105,7 @@ class AttackResult:
     image_queries_at_convergence: int | None = None
     calls_at_convergence: int | None = None
     seconds: float = 0.0
+    selected_epoch: int | None = None  # the epoch whose generator was kept (select_images)
 
     @property
     def epochs_run(self) -> int:
@@ -131,6 +132,7 @@ class AttackResult:
             "image_queries_at_convergence": self.image_queries_at_convergence,
             "calls_at_convergence": self.calls_at_convergence,
             "calls_256_at_convergence": calls_of(self.image_queries_at_convergence, 256),
+            "selected_epoch": self.selected_epoch,
             "train_seconds": round(self.seconds, 2),
         }
 
@@ -209,6 +211,10 @@ def train_generator(
     far, the history and the query counts are returned with ``stopped`` set to
     "budget_exhausted".
 
+    With ``config.select_images`` that many images are held out of training; after each
+    epoch the victim is asked about their perturbations (history key ``select_score``) and
+    the generator of the best-scored epoch is the one returned (``selected_epoch``).
+
     Epoch by epoch (a Tune trial): ``on_epoch_end(result, state)`` runs after each epoch
     and returns True to stop. ``state`` holds everything needed to continue (epoch,
     generator, discriminator and optimiser states, RNG, history, query counts so far, the
@@ -235,11 +241,20 @@ def train_generator(
     shape = tuple(int(v) for v in victim.input_shape)
 
     order = torch.randperm(images.shape[0], generator=rng)
-    n_train = min(config.train_limit or images.shape[0], images.shape[0])
+    n_select = config.select_images
+    if n_select and images.shape[0] - n_select < 2:
+        raise ValueError(
+            f"select_images={n_select} leaves fewer than 2 of the {images.shape[0]} images to train on"
+        )
+    available = images.shape[0] - n_select
+    n_train = min(config.train_limit or available, available)
     n_query = n_train
     if config.gradient_source == "surrogate":
-        n_query = max(n_train, min(config.surrogate.distill_queries, images.shape[0]))
+        n_query = max(n_train, min(config.surrogate.distill_queries, available))
     pool = images[order[:n_query]].float().contiguous()
+    held = images[order[available:]].float().contiguous() if n_select else None
+    held_clean: torch.Tensor | None = None
+    best: dict[str, Any] | None = None
 
     generator = Generator(shape, config.generator_width, config.generator_blocks).to(device)
     discriminator = Discriminator(shape, config.discriminator_width).to(device)
@@ -258,6 +273,7 @@ def train_generator(
                 f"resume state holds clean memberships of shape {tuple(clean.shape)}, expected "
                 f"{(n_query, victim.num_clusters)}: it was made with another config or data set"
             )
+        held_clean, best = resume.get("held_clean"), resume.get("selection")
 
     def counts_so_far() -> tuple[int | None, int | None]:
         used = _counts_since(victim, start_counts)
@@ -275,6 +291,8 @@ def train_generator(
     try:
         if clean is None:
             clean = query_memberships(victim, pool, config.query_batch)
+        if held is not None and held_clean is None:
+            held_clean = query_memberships(victim, held, config.query_batch).argmax(1)
         _warn_if_soft(clean, config)
         source.prepare(pool, clean, progress=progress)
         train_x, train_m = pool[:n_train], clean[:n_train]
@@ -301,6 +319,11 @@ def train_generator(
             row = {key: value / max(seen, 1) for key, value in sums.items()}
             row["epoch"] = float(epoch)
             row.update(source.end_of_epoch(epoch, perturb, train_x))
+            if held is not None:
+                score = _selection_score(victim, perturb(held), held_clean, config)
+                row["select_score"] = score
+                if best is None or score < best["score"]:
+                    best = {"epoch": epoch, "score": score, "generator": _copy_state(generator)}
             used = counts_so_far()
             row["image_queries"] = float("nan") if used[0] is None else float(used[0])
             row["calls"] = float("nan") if used[1] is None else float(used[1])
@@ -325,6 +348,8 @@ def train_generator(
                     "history": [dict(r) for r in result.history],
                     "counts": used,
                     "clean": clean,
+                    "held_clean": held_clean,
+                    "selection": best,
                 }
                 if on_epoch_end(result, state) and not converged_stop:
                     result.stopped = STOP_CALLER
@@ -338,11 +363,33 @@ def train_generator(
     finally:
         bar.close()
         source.close()
+        if best is not None:
+            # Also after a budget exit: the best epoch scored so far is the generator kept.
+            generator.load_state_dict(best["generator"])
+            result.selected_epoch = int(best["epoch"])
+            log.info("kept the generator of epoch %d (selection score %.4f)", best["epoch"], best["score"])
         generator.eval()
         discriminator.eval()
         result.image_queries, result.calls = counts_so_far()
         result.seconds = time.perf_counter() - started
     return result
+
+
+def _copy_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def _selection_score(
+    victim: Victim, perturbed: torch.Tensor, clean_labels: torch.Tensor, config: AttackConfig
+) -> float:
+    """Lower is a stronger attack: NMI between clean and perturbed victim assignments of the
+    held-out images, or for a targeted run the fraction left outside the target cluster."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    labels = query_memberships(victim, perturbed, config.query_batch).argmax(1)
+    if config.target_cluster is not None:
+        return float((labels != config.target_cluster).float().mean())
+    return float(normalized_mutual_info_score(clean_labels.numpy(), labels.numpy()))
 
 
 def _restore(

@@ -58,6 +58,7 @@ class AttackReport:
             f"{r['victim']} | {r['dataset']} | {r['gradient_source']} | {r['norm']} eps {r['eps']:g} | "
             f"{r['attack_loss']} | {nmi} | {queries} image-queries, {r['calls']} calls "
             f"({r['calls_256']} x 256) | {r['stopped']}"
+            + ("" if r.get("selected_epoch") is None else f" | kept epoch {r['selected_epoch']}")
         )
 
 

@@ -28,7 +28,8 @@ def attack_run_name(victim: str, config: Any) -> str:
     change what a run measured when they differ from the defaults: the paper's attack term,
     a target cluster, a sharpened mutual-information term, the loss weights (``aa``
     alpha_a, ``ac`` alpha_c, ``ag`` alpha_gan), the generator's training images (``n``),
-    its learning-rate steps (``lr<milestones>x<gamma>``), the surrogate's architecture or
+    its learning-rate steps (``lr<milestones>x<gamma>``), the held-out images that pick the
+    epoch kept (``sel``), the surrogate's architecture or
     ensemble, and the estimator's method, samples and transfer prior. Every parameter is
     logged with the run anyway; the name is for telling runs apart in a list.
     """
@@ -49,6 +50,8 @@ def attack_run_name(victim: str, config: Any) -> str:
         parts.append(f"n{config.train_limit}")
     if config.lr_milestones:
         parts.append("lr" + "_".join(str(m) for m in config.lr_milestones) + f"x{config.lr_gamma:g}")
+    if config.select_images:
+        parts.append(f"sel{config.select_images}")
     if config.gradient_source == "surrogate" or config.estimator.prior == "surrogate":
         sur = config.surrogate
         if sur.arch != SurrogateConfig.arch:

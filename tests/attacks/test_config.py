@@ -128,5 +128,7 @@ def test_attack_run_names_tell_apart_what_changes_the_attack():
         "nnm-surrogate-linf-eps0.1-paper-ens3-s0"
     )
     # Loss weights, the generator's images and its learning-rate steps each change a result.
-    tuned = base.override(alpha_a=100.0, alpha_gan=0.0, train_limit=60000, lr_milestones=(4, 6), lr_gamma=0.3)
-    assert attack_run_name("spice", tuned) == "spice-surrogate-linf-eps0.1-aa100-ag0-n60000-lr4_6x0.3-s0"
+    tuned = base.override(
+        alpha_a=100.0, alpha_gan=0.0, train_limit=60000, lr_milestones=(4, 6), lr_gamma=0.3, select_images=2000
+    )
+    assert attack_run_name("spice", tuned) == "spice-surrogate-linf-eps0.1-aa100-ag0-n60000-lr4_6x0.3-sel2000-s0"
