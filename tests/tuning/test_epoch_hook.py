@@ -59,6 +59,25 @@ def test_resuming_from_an_epoch_state_gives_the_uninterrupted_run():
     assert resumed.image_queries == full.image_queries  # counts carried over from the state
 
 
+def test_a_resumed_run_keeps_the_epoch_selection_it_had():
+    torch.set_num_threads(1)
+    victim = Linear().eval()
+    config = _config(gradient_source="whitebox", epochs=4, select_images=48)
+    states = {}
+
+    def keep(result, state):
+        states[state["epoch"]] = copy.deepcopy(state)
+
+    full = train_generator(CountingVictim(victim), _images(), config, progress=False, on_epoch_end=keep)
+    assert states[2]["selection"]["epoch"] in (1, 2) and states[2]["held_clean"].shape == (48,)
+    resumed = train_generator(CountingVictim(victim), _images(), config, progress=False, resume=states[2])
+    assert [r["select_score"] for r in resumed.history] == [r["select_score"] for r in full.history]
+    assert resumed.selected_epoch == full.selected_epoch
+    assert torch.equal(_weights(resumed), _weights(full))
+    # The held-out clean assignments came with the state: not asked for again.
+    assert resumed.image_queries == full.image_queries
+
+
 def test_the_hook_stops_training_and_a_resumed_surrogate_does_not_query_again():
     victim = Linear().eval()
     config = _config(gradient_source="surrogate")
