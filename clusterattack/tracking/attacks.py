@@ -29,9 +29,9 @@ def attack_run_name(victim: str, config: Any) -> str:
     a target cluster, a sharpened mutual-information term, the loss weights (``aa``
     alpha_a, ``ac`` alpha_c, ``ag`` alpha_gan), the generator's training images (``n``),
     its learning-rate steps (``lr<milestones>x<gamma>``), the held-out images that pick the
-    epoch kept (``sel``), the surrogate's architecture or
-    ensemble, and the estimator's method, samples and transfer prior. Every parameter is
-    logged with the run anyway; the name is for telling runs apart in a list.
+    epoch kept (``sel``), the surrogate's architecture or ensemble, and the estimator's
+    method, samples and transfer prior. Every parameter is logged with the run anyway; the
+    name is for telling runs apart in a list.
     """
     from clusterattack.attacks.config import AttackConfig, EstimatorConfig, SurrogateConfig
 
