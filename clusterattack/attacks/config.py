@@ -26,6 +26,7 @@ ESTIMATORS = ("nes", "spsa")
 PRIORS = ("none", "surrogate")
 SURROGATE_LOSSES = ("kl", "kl_logit")
 SURROGATE_ARCHS = ("convnet", "small", "pretext")
+SURROGATE_BACKBONES = ("shared", "distinct")
 
 
 def _positive(name: str, value: float) -> None:
@@ -100,7 +101,9 @@ class SurrogateConfig:
     ``ensemble`` surrogates (different seeds) are averaged. ``arch`` "pretext" starts each
     surrogate from a SimCLR backbone the attacker trains itself (``pretext_epochs``, no
     labels, no queries, its own seed) on the attack's images, then distils it as the
-    others; ``width`` does not apply to it. With ``online`` each
+    others; ``width`` does not apply to it. With ``backbones`` "shared" every member starts
+    from that one backbone (only the heads differ); "distinct" gives member m a backbone of
+    its own (pretext seed + m), whose gradients disagree more and so average better. With ``online`` each
     generator step also queries the victim on its batch of adversarial images (one
     image-query per training image per epoch): the attack term is evaluated on the
     victim's memberships, its gradient taken through the surrogate, and the surrogate
@@ -124,6 +127,7 @@ class SurrogateConfig:
     online_steps: int = 1  # surrogate fine-tuning steps per generator step (online)
     pretext_epochs: int = 8  # SimCLR epochs of the attacker's own backbone (arch "pretext")
     input_diversity: float = 0.0  # max random shift (pixels) of x_adv seen by the surrogate
+    backbones: str = "shared"  # pretext ensemble: one attacker backbone, or one per member
 
     def __post_init__(self) -> None:
         _positive_int("surrogate.distill_queries", self.distill_queries)
@@ -141,6 +145,12 @@ class SurrogateConfig:
         _positive_int("surrogate.online_steps", self.online_steps)
         _positive_int("surrogate.pretext_epochs", self.pretext_epochs)
         _non_negative("surrogate.input_diversity", self.input_diversity)
+        _choice("surrogate.backbones", self.backbones, SURROGATE_BACKBONES)
+        if self.backbones == "distinct" and self.arch != "pretext":
+            raise ValueError(
+                f"surrogate.backbones 'distinct' needs surrogate.arch 'pretext' (got {self.arch!r}): "
+                "only the attacker's pretext backbones come in several"
+            )
 
     def total_queries(self) -> int:
         """Image-queries the surrogate costs in all (distillation, noise points, refreshes)."""

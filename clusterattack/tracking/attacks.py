@@ -57,7 +57,7 @@ def attack_run_name(victim: str, config: Any) -> str:
         if sur.arch != SurrogateConfig.arch:
             parts.append(sur.arch)
         if sur.ensemble != SurrogateConfig.ensemble:
-            parts.append(f"ens{sur.ensemble}")
+            parts.append(f"ens{sur.ensemble}" + ("d" if sur.backbones == "distinct" else ""))
     if config.gradient_source == "estimate":
         est = config.estimator
         if est.method != EstimatorConfig.method:

@@ -48,6 +48,8 @@ def test_bad_attack_config_is_rejected_naming_the_field(changes, name):
         (SurrogateConfig, {"refresh_rounds": -1}, "refresh_rounds"),
         (SurrogateConfig, {"ensemble": 0}, "ensemble"),
         (SurrogateConfig, {"loss": "mse"}, "loss"),
+        (SurrogateConfig, {"backbones": "separate"}, "backbones"),
+        (SurrogateConfig, {"backbones": "distinct", "arch": "small"}, "backbones 'distinct' needs surrogate.arch"),
     ],
 )
 def test_bad_nested_config_is_rejected(cls, changes, name):
@@ -127,6 +129,8 @@ def test_attack_run_names_tell_apart_what_changes_the_attack():
     assert attack_run_name("nnm", base.override(attack_loss="paper", **{"surrogate.ensemble": 3})) == (
         "nnm-surrogate-linf-eps0.1-paper-ens3-s0"
     )
+    distinct = base.override(**{"surrogate.arch": "pretext", "surrogate.ensemble": 2, "surrogate.backbones": "distinct"})
+    assert attack_run_name("nnm", distinct) == "nnm-surrogate-linf-eps0.1-pretext-ens2d-s0"
     # Loss weights, the generator's images and its learning-rate steps each change a result.
     tuned = base.override(
         alpha_a=100.0, alpha_gan=0.0, train_limit=60000, lr_milestones=(4, 6), lr_gamma=0.3, select_images=2000

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from clusterattack.attacks import CountingVictim, train_generator
+from clusterattack.attacks.gradients import make_gradient_source
 from clusterattack.attacks.gradients.pretext import PretextSurrogate, attacker_backbone
 
 
@@ -65,3 +66,30 @@ def test_a_pretext_surrogate_attack_is_recorded_and_reproducible(victim, blobs, 
     for a, b in zip(first.generator.parameters(), second.generator.parameters(), strict=True):
         assert torch.equal(a, b)
     assert first.image_queries == second.image_queries > 0
+
+
+@pytest.mark.parametrize(("backbones", "files"), [("shared", 1), ("distinct", 2)])
+def test_an_ensemble_shares_one_attacker_backbone_or_trains_one_per_member(
+    victim, blobs, config, attacker_cache, backbones, files
+):
+    cfg = config(
+        gradient_source="surrogate",
+        **{"surrogate.arch": "pretext", "surrogate.pretext_epochs": 1, "surrogate.ensemble": 2,
+           "surrogate.backbones": backbones, "surrogate.refresh_rounds": 0},
+    )
+    source = make_gradient_source(CountingVictim(victim), cfg)
+    images = blobs[0]
+    source.prepare(images, victim.predict_proba(images).detach())
+    assert len(list(attacker_cache.glob("attacker-pretext-*.pt"))) == files
+    assert len(source.models) == 2
+    # Member m starts from the cached backbone of seed pretext_seed + m (distinct) or of
+    # pretext_seed (shared): reading both back from the cache trains nothing new.
+    seeds = source.pretext_seeds()
+    assert seeds == ([cfg.seed + 7919, cfg.seed + 7920] if backbones == "distinct" else [cfg.seed + 7919] * 2)
+    _, own = attacker_backbone(images, epochs=1, seed=seeds[1], cache_dir=attacker_cache)
+    _, base = attacker_backbone(images, epochs=1, seed=seeds[0], cache_dir=attacker_cache)
+    assert len(list(attacker_cache.glob("attacker-pretext-*.pt"))) == files  # both read from the cache
+    differ = any(not torch.equal(own[k], base[k]) for k in own if own[k].is_floating_point())
+    assert differ is (backbones == "distinct")
+    described = source.describe()
+    assert ("surrogate.pretext_seeds" in described) is (backbones == "distinct")

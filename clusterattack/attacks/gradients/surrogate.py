@@ -204,6 +204,12 @@ class SurrogateSource(GradientSource):
         # Distinct from any seed a victim is trained with in this project (0, 1, ...).
         self.pretext_seed = seed + 7919
 
+    def pretext_seeds(self) -> list[int]:
+        """The pretext seed of each ensemble member's attacker backbone."""
+        if self.config.backbones == "distinct":
+            return [self.pretext_seed + m for m in range(self.config.ensemble)]
+        return [self.pretext_seed] * self.config.ensemble
+
     def _noise_points(self, images: torch.Tensor, count: int) -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (count,), generator=self.generator)
         x = images[idx]
@@ -233,14 +239,14 @@ class SurrogateSource(GradientSource):
             leave=False,
         )
         pretext = None
-        if self.config.arch == "pretext":
-            # The attacker's own contrastive backbone, trained on the images it holds (the
-            # pool it queried) with a seed of its own: no label, no query, no victim weight.
-            pretext = attacker_backbone(
-                images, self.config.pretext_epochs, self.pretext_seed, self.device,
-                attacker_cache_dir(), progress,
-            )
         for member in range(self.config.ensemble):
+            if self.config.arch == "pretext" and (pretext is None or self.config.backbones == "distinct"):
+                # The attacker's own contrastive backbone, trained on the images it holds (the
+                # pool it queried) with a seed of its own: no label, no query, no victim weight.
+                pretext = attacker_backbone(
+                    images, self.config.pretext_epochs, self.pretext_seeds()[member], self.device,
+                    attacker_cache_dir(), progress,
+                )
             torch.manual_seed(self._seed * 1000 + member)
             if pretext is not None:
                 model: nn.Module = PretextSurrogate(*pretext, num_clusters=k)
@@ -369,4 +375,6 @@ class SurrogateSource(GradientSource):
         out["surrogate.refresh_after_epochs"] = ",".join(map(str, self.schedule))
         if self.config.arch == "pretext":
             out["surrogate.pretext_seed"] = self.pretext_seed
+            if self.config.backbones == "distinct":
+                out["surrogate.pretext_seeds"] = ",".join(map(str, self.pretext_seeds()))
         return out
