@@ -7,6 +7,7 @@ import torch
 
 from clusterattack.attacks import CountingVictim, make_gradient_source
 from clusterattack.attacks.alignment import gradient_alignment, victim_input_gradient
+from tests.attacks.conftest import load_benchmark
 
 
 class _Through:
@@ -89,21 +90,8 @@ def test_alignment_refuses_what_it_cannot_measure(victim, blobs, config, scores_
         gradient_alignment(scores_only(victim), _Noise(), clean, points, config())
 
 
-def _benchmark_module():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gradient_alignment.py"
-    spec = importlib.util.spec_from_file_location("gradient_alignment", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gradient_alignment", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_alignment_benchmark_ranks_variants_against_its_reference(victim, blobs, config):
-    bench = _benchmark_module()
+    bench = load_benchmark("gradient_alignment")
     images, points = _points(blobs)
     variants = dict(
         bench.parse_variant(text)

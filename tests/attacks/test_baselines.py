@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +18,7 @@ from clusterattack.attacks.baselines import (
 )
 from clusterattack.attacks.baselines.base import MemoPredict
 from clusterattack.serving.errors import BudgetExceeded
-from tests.attacks.conftest import LinearSoftmaxVictim, ScoresOnlyVictim, make_blobs
+from tests.attacks.conftest import LinearSoftmaxVictim, ScoresOnlyVictim, load_benchmark, make_blobs
 
 NORM_EPS = (("linf", 0.1), ("l2", 0.8))
 BUDGET = 45  # per image: 2 NES/SPSA iterations, 43 Square iterations
@@ -170,18 +167,9 @@ def test_wrong_images_rejected(images_and_victim):
         make_baseline("square", max_queries=10).run(model, images[:, :, :4])
 
 
-def _benchmark_module():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "attack_efficiency.py"
-    spec = importlib.util.spec_from_file_location("attack_efficiency", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("attack_efficiency", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_benchmark_compare_on_tiny_data(tmp_path):
-    bench = _benchmark_module()
+    bench = load_benchmark("attack_efficiency")
     images, labels, prototypes = make_blobs(200, seed=1)
     model = LinearSoftmaxVictim(prototypes).eval().requires_grad_(False)
     settings = bench.Settings(n_test=40, budgets=(25, 60), train_limit=120, epochs=2, distill_queries=120,
