@@ -17,7 +17,8 @@ needs the victim's weights: a diagnostic of gradient sources, never an attack.
 
 Each ``--variant NAME=KEY=VALUE[,KEY=VALUE...]`` is a set of attack-config overrides; the
 first is the reference of the ratio column (default: the pretext surrogate, against an
-ensemble of two on distinct backbones).
+ensemble of two on distinct backbones). The figures (JSON) and a histogram of the cosines go
+to ``--out``; the run is logged to MLflow (experiment of the benchmarks) unless ``--no-mlflow``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def measure(victim, pool: torch.Tensor, pool_clean: torch.Tensor, clean: torch.T
             points: torch.Tensor, configs: dict) -> list[dict]:
     """One row per named config: its surrogate distilled on ``pool`` and aligned at ``points``.
 
-    ``ratio`` is each mean cosine over the first config's (the reference).
+    ``ratio`` is each mean cosine over the first config's (the reference); ``cosines``
+    holds the per-point values.
     """
     from clusterattack.attacks import CountingVictim, make_gradient_source
     from clusterattack.attacks.alignment import gradient_alignment
@@ -65,11 +67,29 @@ def measure(victim, pool: torch.Tensor, pool_clean: torch.Tensor, clean: torch.T
         rows.append({
             "variant": name, "mean_cos": float(cos.mean()), "median_cos": float(cos.median()),
             "positive": float((cos > 0).float().mean()), "seconds": round(time.perf_counter() - started, 1),
+            "cosines": cos.tolist(),
         })
     ref = rows[0]["mean_cos"]
     for row in rows:
         row["ratio"] = row["mean_cos"] / ref if ref else float("nan")
     return rows
+
+
+def cosine_figure(rows: list[dict], title: str):
+    """Histograms of the per-point cosines, one per variant, on one axis."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.add_subplot()
+    for row in rows:
+        ax.hist(row["cosines"], bins=40, range=(-0.2, 1.0), alpha=0.55,
+                label=f"{row['variant']} (mean {row['mean_cos']:.3f})")
+    ax.set_xlabel("cosine with the victim's gradient of the attack term")
+    ax.set_ylabel("points")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--variant", type=parse_variant, action="append", dest="variants")
-    p.add_argument("--out", help="JSON file for the figures")
+    p.add_argument("--out", help="folder for the JSON figures and the histogram (default runs/benchmarks)",
+                   default="runs/benchmarks")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     return p.parse_args(argv)
 
 
@@ -133,11 +155,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['variant']:32s} {row['mean_cos']:9.3f} {row['median_cos']:7.3f} {row['positive']:6.2f} "
               f"{row['ratio']:6.2f} {row['seconds']:6.0f}")
     print(f"ratio: mean cosine against the reference variant {rows[0]['variant']!r}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({
-            "victim": args.victim, "dataset": args.dataset, "points": where, "n_points": test_x.shape[0],
-            "pool": pool.shape[0], "seed": args.seed, "rows": rows,
-        }, indent=2))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"victim": args.victim, "dataset": args.dataset, "points": where, "n_points": test_x.shape[0],
+                "pool": pool.shape[0], "seed": args.seed}
+    fig = cosine_figure(rows, f"{args.victim}: {where}")
+    fig.savefig(out / f"gradient_alignment-{stamp}.png", dpi=110)
+    (out / f"gradient_alignment-{stamp}.json").write_text(json.dumps({**settings, "rows": rows}, indent=2))
+    print(f"files in {out}/gradient_alignment-{stamp}.*")
+    if not args.no_mlflow:
+        from clusterattack.tracking.benchmarks import log_benchmark
+
+        summary_rows = [{k: v for k, v in row.items() if k != "cosines"} for row in rows]
+        run_id = log_benchmark(
+            f"gradient_alignment-{stamp}", settings, summary_rows, figures={"cosines": fig},
+            summary={f"ratio.{r['variant']}": r["ratio"] for r in rows},
+            row_key=("variant",), row_metrics=("mean_cos", "median_cos", "positive"),
+        )
+        print(f"MLflow run {run_id}")
     return 0
 
 

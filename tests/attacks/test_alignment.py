@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -110,5 +112,36 @@ def test_the_alignment_benchmark_ranks_variants_against_its_reference(victim, bl
     assert rows[0]["ratio"] == 1.0
     assert rows[1]["ratio"] == pytest.approx(rows[1]["mean_cos"] / rows[0]["mean_cos"])
     assert rows[1]["mean_cos"] > rows[0]["mean_cos"] + 0.2
+    assert all(len(r["cosines"]) == points.shape[0] for r in rows)
+    fig = bench.cosine_figure(rows, "linear toy victim")
+    assert len(fig.axes[0].patches) == 2 * 40  # one 40-bin histogram per variant
     with pytest.raises(Exception, match="NAME=KEY=VALUE"):
         bench.parse_variant("just-a-name")
+
+
+@pytest.mark.slow
+def test_the_alignment_benchmark_runs_end_to_end_on_digits(tmp_path, mlflow_uri, capsys):
+    from clusterattack.victims.backbones import BackboneConfig
+    from clusterattack.victims.cc import CC, CCConfig
+    from clusterattack.victims.io import save_victim
+
+    torch.manual_seed(0)
+    victim_file = save_victim(CC(CCConfig(10, (1, 8, 8), BackboneConfig("convnet", 1, 8, 4))).eval(), tmp_path / "cc.pt")
+    bench = load_benchmark("gradient_alignment")
+    out = tmp_path / "out"
+    code = bench.main([
+        "--victim", str(victim_file), "--dataset", "digits", "--points", "64", "--train-limit", "200",
+        "--threads", "1", "--out", str(out),
+        "--variant", "one=surrogate.distill_epochs=1,surrogate.width=4,batch_size=32",
+        "--variant", "two=surrogate.distill_epochs=1,surrogate.width=4,surrogate.ensemble=2,batch_size=32",
+    ])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "uniform L-inf noise of radius 0.1" in printed and "200 queried memberships" in printed
+    assert "MLflow run" in printed
+    (record,) = [json.loads(p.read_text()) for p in out.glob("gradient_alignment-*.json")]
+    assert [r["variant"] for r in record["rows"]] == ["one", "two"]
+    assert record["n_points"] == 64 and all(len(r["cosines"]) == 64 for r in record["rows"])
+    assert all(-1.0 <= c <= 1.0 for r in record["rows"] for c in r["cosines"])
+    assert len(list(out.glob("gradient_alignment-*.png"))) == 1
+    assert bench.main(["--victim", str(victim_file), "--variant", "bad=surrogate.arch=mlp", "--no-mlflow"]) == 2
