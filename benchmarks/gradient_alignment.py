@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--generator", help="generator.pt whose perturbations are the points (else noise)")
     p.add_argument("--points", type=int, default=1000, help="test images to measure at")
-    p.add_argument("--train-limit", type=int, default=None, help="distillation pool (default: the train split)")
+    p.add_argument("--train-limit", type=int, default=None, help="generator images of the attack replayed; its pool is the distillation pool "
+                   "(a surrogate attack's pool is at least surrogate.distill_queries)")
     p.add_argument("--eps", type=float, default=0.1, help="L-inf noise radius without --generator")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from clusterattack.attacks import AttackConfig, perturb_images
+    from clusterattack.attacks.gan import training_split
+    from clusterattack.attacks.gradients import query_memberships
     from clusterattack.attacks.io import load_generator
     from clusterattack.data import load_dataset
     from clusterattack.victims.io import load_victim
@@ -130,15 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     test_x, _ = data.subset("test", limit=args.points, seed=args.seed).as_float()
     victim = load_victim(args.victim).requires_grad_(False)
 
-    def memberships(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([victim.predict_proba(x[s : s + 512]) for s in range(0, x.shape[0], 512)])
-
     # The pool an attack with this seed and limit distils from (same order, same cache key).
-    order = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(args.seed))
-    pool = train_x[order[: args.train_limit or train_x.shape[0]]].contiguous()
-    pool_clean = memberships(pool)
-    clean = memberships(test_x)
+    reference = next(iter(configs.values())).override(train_limit=args.train_limit)
+    pool, _, _ = training_split(train_x, reference)
+    pool_clean = query_memberships(victim, pool, 512)
+    clean = query_memberships(victim, test_x, 512)
     if args.generator:
         gen, gen_config, _ = load_generator(args.generator)
         points, where = perturb_images(gen, test_x, gen_config), f"perturbations by {args.generator}"

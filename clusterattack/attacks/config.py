@@ -103,8 +103,8 @@ class SurrogateConfig:
     labels, no queries, its own seed) on the attack's images, then distils it as the
     others; ``width`` does not apply to it. With ``backbones`` "shared" every member starts
     from that one backbone (only the heads differ); "distinct" gives member m a backbone of
-    its own (pretext seed + m), whose gradients disagree more and so average better. With ``online`` each
-    generator step also queries the victim on its batch of adversarial images (one
+    its own (pretext seed + m), whose gradients disagree more and so average better. With
+    ``online`` each generator step also queries the victim on its batch of adversarial images (one
     image-query per training image per epoch): the attack term is evaluated on the
     victim's memberships, its gradient taken through the surrogate, and the surrogate
     fine-tuned on those points as it goes.

@@ -28,7 +28,7 @@ from clusterattack.precision import autocast
 from clusterattack.serving.errors import BudgetExceeded
 from clusterattack.victims.base import Victim
 
-__all__ = ["AttackResult", "ConvergenceTracker", "perturb_images", "train_generator"]
+__all__ = ["AttackResult", "ConvergenceTracker", "perturb_images", "train_generator", "training_split"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,32 @@ def perturb_images(
     return torch.cat(out) if out else images.clone()
 
 
+def training_split(
+    images: torch.Tensor, config: AttackConfig, rng: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(pool, held-out images or None, n_train): the images an attack queries, in its order.
+
+    The pool's first ``n_train`` images train the generator; a surrogate distils on the
+    whole pool. ``rng`` is the run's generator (seeded with ``config.seed``, and this is
+    its first draw); a caller outside a run gets the same split from ``config`` alone.
+    """
+    rng = rng if rng is not None else torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(images.shape[0], generator=rng)
+    n_select = config.select_images
+    if n_select and images.shape[0] - n_select < 2:
+        raise ValueError(
+            f"select_images={n_select} leaves fewer than 2 of the {images.shape[0]} images to train on"
+        )
+    available = images.shape[0] - n_select
+    n_train = min(config.train_limit or available, available)
+    n_query = n_train
+    if config.gradient_source == "surrogate":
+        n_query = max(n_train, min(config.surrogate.distill_queries, available))
+    pool = images[order[:n_query]].float().contiguous()
+    held = images[order[available:]].float().contiguous() if n_select else None
+    return pool, held, n_train
+
+
 def _counts_since(victim: Victim, start: tuple[int | None, int | None]) -> tuple[int | None, int | None]:
     now = read_counts(victim)
     return tuple(  # type: ignore[return-value]
@@ -240,19 +266,7 @@ def train_generator(
     device = torch.device(config.device)
     shape = tuple(int(v) for v in victim.input_shape)
 
-    order = torch.randperm(images.shape[0], generator=rng)
-    n_select = config.select_images
-    if n_select and images.shape[0] - n_select < 2:
-        raise ValueError(
-            f"select_images={n_select} leaves fewer than 2 of the {images.shape[0]} images to train on"
-        )
-    available = images.shape[0] - n_select
-    n_train = min(config.train_limit or available, available)
-    n_query = n_train
-    if config.gradient_source == "surrogate":
-        n_query = max(n_train, min(config.surrogate.distill_queries, available))
-    pool = images[order[:n_query]].float().contiguous()
-    held = images[order[available:]].float().contiguous() if n_select else None
+    pool, held, n_train = training_split(images, config, rng)
     held_clean: torch.Tensor | None = None
     best: dict[str, Any] | None = None
 
@@ -268,10 +282,10 @@ def train_generator(
     first_epoch, clean, offset = 1, None, (0, 0)
     if resume is not None:
         first_epoch, clean, offset = _restore(resume, result, tracker, generator, discriminator, opt_g, opt_d, rng)
-        if clean is not None and tuple(clean.shape) != (n_query, victim.num_clusters):
+        if clean is not None and tuple(clean.shape) != (pool.shape[0], victim.num_clusters):
             raise ValueError(
                 f"resume state holds clean memberships of shape {tuple(clean.shape)}, expected "
-                f"{(n_query, victim.num_clusters)}: it was made with another config or data set"
+                f"{(pool.shape[0], victim.num_clusters)}: it was made with another config or data set"
             )
         held_clean, best = resume.get("held_clean"), resume.get("selection")
 

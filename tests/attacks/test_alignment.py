@@ -132,7 +132,8 @@ def test_the_alignment_benchmark_runs_end_to_end_on_digits(tmp_path, mlflow_uri,
     code = bench.main([
         "--victim", str(victim_file), "--dataset", "digits", "--points", "64", "--train-limit", "200",
         "--threads", "1", "--out", str(out),
-        "--variant", "one=surrogate.distill_epochs=1,surrogate.width=4,batch_size=32",
+        # A surrogate attack's pool is max(train_limit, distill_queries), as in training.
+        "--variant", "one=surrogate.distill_epochs=1,surrogate.width=4,surrogate.distill_queries=200,batch_size=32",
         "--variant", "two=surrogate.distill_epochs=1,surrogate.width=4,surrogate.ensemble=2,batch_size=32",
     ])  # fmt: skip
     assert code == 0

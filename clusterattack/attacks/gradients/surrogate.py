@@ -238,18 +238,19 @@ class SurrogateSource(GradientSource):
             disable=not progress,
             leave=False,
         )
-        pretext = None
+        seeds = self.pretext_seeds()
+        # The attacker's own contrastive backbones, trained on the images it holds (the pool
+        # it queried) with seeds of their own: no label, no query, no victim weight.
+        backbones = {
+            seed: attacker_backbone(
+                images, self.config.pretext_epochs, seed, self.device, attacker_cache_dir(), progress
+            )
+            for seed in dict.fromkeys(seeds)
+        } if self.config.arch == "pretext" else {}
         for member in range(self.config.ensemble):
-            if self.config.arch == "pretext" and (pretext is None or self.config.backbones == "distinct"):
-                # The attacker's own contrastive backbone, trained on the images it holds (the
-                # pool it queried) with a seed of its own: no label, no query, no victim weight.
-                pretext = attacker_backbone(
-                    images, self.config.pretext_epochs, self.pretext_seeds()[member], self.device,
-                    attacker_cache_dir(), progress,
-                )
             torch.manual_seed(self._seed * 1000 + member)
-            if pretext is not None:
-                model: nn.Module = PretextSurrogate(*pretext, num_clusters=k)
+            if backbones:
+                model: nn.Module = PretextSurrogate(*backbones[seeds[member]], num_clusters=k)
             else:
                 model = SurrogateNet(shape, k, self.config.width, self.config.arch)
             loss = distill(
