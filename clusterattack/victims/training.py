@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -450,15 +451,39 @@ def cached(
         return build(ctx.child(None)), False
     key = cache_key(fingerprint)
     path = ctx.cache_dir / f"{kind}-{key}.pt"
-    if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        if blob.get("fingerprint") == fingerprint:
-            log.info("%s: using cached result %s", kind, path)
-            return blob["result"], True
-        log.warning("%s: cache file %s has another fingerprint; rebuilding", kind, path)
-    result = build(ctx.child(ctx.cache_dir / f"{kind}-{key}.ckpt"))
-    atomic_save({"fingerprint": fingerprint, "result": result}, path)
-    return result, False
+    hit = _read_cache(kind, path, fingerprint)
+    if hit is not None:
+        return hit, True
+    # Two processes that miss the same entry (two attacks started side by side) would both
+    # build it and write into the same checkpoint folder: the second waits for the first and
+    # then reads its result. The lock is an flock, released if its holder dies.
+    ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(ctx.cache_dir / f"{kind}-{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: another process is building %s; waiting for it", kind, path.name)
+        lock.acquire()
+    try:
+        hit = _read_cache(kind, path, fingerprint)
+        if hit is not None:
+            return hit, True
+        result = build(ctx.child(ctx.cache_dir / f"{kind}-{key}.ckpt"))
+        atomic_save({"fingerprint": fingerprint, "result": result}, path)
+        return result, False
+    finally:
+        lock.release()
+
+
+def _read_cache(kind: str, path: Path, fingerprint: dict) -> dict | None:
+    if not path.exists():
+        return None
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if blob.get("fingerprint") == fingerprint:
+        log.info("%s: using cached result %s", kind, path)
+        return blob["result"]
+    log.warning("%s: cache file %s has another fingerprint; rebuilding", kind, path)
+    return None
 
 
 def store_cached(ctx: TrainContext, kind: str, fingerprint: dict, result: dict) -> Path | None:
