@@ -10,6 +10,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -23,8 +24,11 @@ from clusterattack.attacks.config import ATTACK_LOSSES, GAN_LOSSES, GRADIENT_SOU
 from clusterattack.attacks.io import save_generator
 from clusterattack.cli import key_value
 from clusterattack.precision import PRECISIONS
+from clusterattack.victims.training import atomic_save
 
 log = logging.getLogger("jobs.attack")
+
+CHECKPOINT = "checkpoint.pt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--budget", type=int, default=None, help="image-query budget for a local victim")
     p.add_argument("--eval-limit", type=int, default=None, help="test images to evaluate on (default: all)")
-    p.add_argument("--out", default=None, help="folder for record.json, figures and generator.pt")
+    p.add_argument(
+        "--out", default=None,
+        help="folder for record.json, figures and generator.pt; while training it holds checkpoint.pt, "
+        "written after every epoch (removed when the attack ends)",
+    )
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue an interrupted attack from <out>/checkpoint.pt (same flags; its MLflow run goes on)",
+    )
     p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     p.add_argument("--experiment", default="attacks", help="MLflow experiment name")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -129,6 +141,26 @@ def open_victims(args: argparse.Namespace):
     return CountingVictim(model, budget=args.budget), scorer, name
 
 
+def read_checkpoint(args: argparse.Namespace, config: AttackConfig) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` continues from, checked against the flags (None without it)."""
+    if not args.resume:
+        return None
+    if not args.out:
+        raise ValueError("--resume needs --out, the folder whose checkpoint.pt to continue from")
+    path = Path(args.out) / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"nothing to resume: no {path} (it is removed once an attack ends)")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    saved = {**blob["config"], "victim": blob["victim"], "dataset": blob["dataset"]}
+    now = {**config.flat(), "victim": args.victim, "dataset": args.dataset}
+    differ = sorted(k for k in saved.keys() | now.keys() if k != "device" and saved.get(k) != now.get(k))
+    if differ:
+        listed = ", ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+        raise ValueError(f"{path} was written by another attack ({listed})")
+    log.info("resuming from %s after epoch %d", path, blob["state"]["epoch"])
+    return blob
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -147,36 +179,66 @@ def main(argv: list[str] | None = None) -> int:
     test_x, test_y = test.as_float()
 
     try:
+        resume = read_checkpoint(args, config)
         victim, eval_victim, victim_name = open_victims(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    checkpoint = Path(args.out) / CHECKPOINT if args.out else None
 
-    report = run_attack(
-        victim,
-        train_x,
-        test_x,
-        test_y,
-        config,
-        victim_name=victim_name,
-        dataset=args.dataset,
-        eval_victim=eval_victim,
-        class_names=data.class_names,
-        progress=not args.quiet,
-    )
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "record.json").write_text(json.dumps(report.record(), indent=2, default=str))
-        (out / "history.json").write_text(json.dumps(report.result.history, indent=2))
-        for key, fig in report.figures.items():
-            fig.savefig(out / f"{key}.png", dpi=110)
-        save_generator(report.result.generator, config, out / "generator.pt", extra={"victim": victim_name})
+    live = None
     if not args.no_mlflow:
-        from clusterattack.tracking.attacks import log_attack_report
+        from clusterattack.tracking.attacks import LiveAttackRun
 
-        run_id = log_attack_report(report, experiment=args.experiment)
-        log.info("MLflow run %s", run_id)
+        live = LiveAttackRun(
+            victim_name, args.dataset, config, experiment=args.experiment,
+            run_id=None if resume is None else resume.get("mlflow_run_id"),
+        )
+
+    def on_epoch_end(result, state: dict[str, Any]) -> bool:
+        if live is not None:
+            live.log_epoch(result.history[-1])
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save(
+                {
+                    "state": state,
+                    "config": config.flat(),
+                    "victim": args.victim,
+                    "dataset": args.dataset,
+                    "mlflow_run_id": None if live is None else live.run_id,
+                },
+                checkpoint,
+            )
+        return False
+
+    with live or contextlib.nullcontext():
+        report = run_attack(
+            victim,
+            train_x,
+            test_x,
+            test_y,
+            config,
+            victim_name=victim_name,
+            dataset=args.dataset,
+            eval_victim=eval_victim,
+            class_names=data.class_names,
+            progress=not args.quiet,
+            on_epoch_end=on_epoch_end,
+            resume=None if resume is None else resume["state"],
+        )
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "record.json").write_text(json.dumps(report.record(), indent=2, default=str))
+            (out / "history.json").write_text(json.dumps(report.result.history, indent=2))
+            for key, fig in report.figures.items():
+                fig.savefig(out / f"{key}.png", dpi=110)
+            save_generator(report.result.generator, config, out / "generator.pt", extra={"victim": victim_name})
+        if live is not None:
+            log.info("MLflow run %s", live.finish(report))
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     print(report.table_row())
     return 0
 

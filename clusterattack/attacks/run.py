@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ from matplotlib.figure import Figure
 
 from clusterattack.attacks.config import AttackConfig
 from clusterattack.attacks.evaluate import evaluate_attack
-from clusterattack.attacks.gan import AttackResult, perturb_images, train_generator
+from clusterattack.attacks.gan import AttackResult, EpochHook, perturb_images, train_generator
 from clusterattack.attacks.gradients import query_memberships
 from clusterattack.serving.errors import BudgetExceeded
 from clusterattack.victims.base import Victim
@@ -91,6 +92,8 @@ def run_attack(
     eval_victim: Victim | None = None,
     class_names: tuple[str, ...] | None = None,
     progress: bool = True,
+    on_epoch_end: EpochHook | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> AttackReport:
     """Train a generator against ``victim`` on ``train_images`` and evaluate it on the test split.
 
@@ -98,9 +101,13 @@ def run_attack(
     ``eval_victim`` (default: the same victim) after training, so its queries are not
     part of the attack's query count. A budget that runs out during training still
     leaves a generator to evaluate; one that runs out during evaluation leaves the
-    report without ``evaluation`` and says why.
+    report without ``evaluation`` and says why. ``on_epoch_end`` and ``resume`` are
+    ``train_generator``'s: a hook after every epoch, and the state such a hook was given
+    to continue from.
     """
-    result = train_generator(victim, train_images, config, progress=progress)
+    result = train_generator(
+        victim, train_images, config, progress=progress, on_epoch_end=on_epoch_end, resume=resume
+    )
     report = AttackReport(victim_name, dataset, result)
     try:
         report.evaluation, report.figures = evaluate_generator(

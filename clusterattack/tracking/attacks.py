@@ -10,15 +10,26 @@ from typing import Any
 
 import mlflow
 
-from clusterattack.tracking.store import configure, log_metrics, log_params, start_run
+from clusterattack.tracking.store import (
+    configure,
+    ensure_experiment,
+    log_metrics,
+    log_params,
+)
 
-__all__ = ["ATTACK_EXPERIMENT", "GENERATOR_ARTIFACT", "attack_run_name", "download_generator", "log_attack_report"]
+__all__ = [
+    "ATTACK_EXPERIMENT",
+    "GENERATOR_ARTIFACT",
+    "LiveAttackRun",
+    "attack_run_name",
+    "download_generator",
+    "log_attack_report",
+]
 
 log = logging.getLogger(__name__)
 
 ATTACK_EXPERIMENT = "attacks"
 GENERATOR_ARTIFACT = "generator/generator.pt"
-_TAG_KEYS = ("victim", "dataset", "gradient_source", "norm", "eps", "attack_loss", "seed", "stopped")
 
 
 def attack_run_name(victim: str, config: Any) -> str:
@@ -70,7 +81,7 @@ def attack_run_name(victim: str, config: Any) -> str:
 
 
 def log_attack_report(report: Any, experiment: str = ATTACK_EXPERIMENT, run_name: str | None = None) -> str:
-    """Log an ``AttackReport`` as one MLflow run; returns the run id.
+    """Log an ``AttackReport`` (of ``run_attack``, say in a notebook) as one MLflow run; returns its id.
 
     Params: the full attack config (flat) plus victim and dataset. Metrics: query counts,
     convergence and every numeric evaluation entry, and the per-epoch history as steps.
@@ -78,32 +89,105 @@ def log_attack_report(report: Any, experiment: str = ATTACK_EXPERIMENT, run_name
     stopped, so runs filter by them. Artifacts: ``record.json`` (everything, cluster size
     histograms included), the figures, and the generator file with its config.
     """
+    with LiveAttackRun(
+        report.victim, report.dataset, report.result.config, experiment=experiment, run_name=run_name
+    ) as live:
+        for row in report.result.history:
+            live.log_epoch(row)
+        return live.finish(report)
+
+
+class LiveAttackRun:
+    """An attack's MLflow run, open while its generator trains.
+
+    Entering logs the params and tags (the run shows as RUNNING in the UI), ``log_epoch``
+    streams each finished epoch's training metrics (``train.*``, step = epoch) and
+    ``finish`` adds the report (metrics, ``record.json``, figures, generator) and the
+    ``stopped`` tag. Leaving the ``with`` block on an exception ends the run FAILED (KILLED
+    on Ctrl-C) with the error in the tag ``error``, keeping every epoch already streamed.
+    ``run_id`` reopens an earlier run, so a resumed attack goes on in its own run.
+    """
+
+    def __init__(
+        self,
+        victim: str,
+        dataset: str,
+        config: Any,
+        experiment: str = ATTACK_EXPERIMENT,
+        run_id: str | None = None,
+        run_name: str | None = None,
+    ) -> None:
+        self.victim, self.dataset, self.config = victim, dataset, config
+        self.experiment = experiment
+        self.run_id = run_id
+        self.name = run_name or attack_run_name(victim, config)
+
+    def __enter__(self) -> LiveAttackRun:
+        configure()
+        if self.run_id is not None:
+            mlflow.start_run(run_id=self.run_id)
+            mlflow.set_tag("resumed", "true")
+            log.info("MLflow run %s (%s) resumed", self.run_id, self.name)
+            return self
+        config = self.config
+        tags = {
+            "victim": self.victim,
+            "dataset": self.dataset,
+            "gradient_source": config.gradient_source,
+            "norm": config.norm,
+            "eps": str(config.eps),
+            "attack_loss": config.attack_loss,
+            "seed": str(config.seed),
+            "black_box": str(config.black_box),
+        }
+        run = mlflow.start_run(experiment_id=ensure_experiment(self.experiment), run_name=self.name, tags=tags)
+        log_params({"victim": self.victim, "dataset": self.dataset, **config.flat()})
+        self.run_id = run.info.run_id
+        log.info("MLflow run %s (%s) streams the training metrics", self.run_id, self.name)
+        return self
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        _log_epoch_row(row)
+
+    def finish(self, report: Any) -> str:
+        mlflow.set_tag("stopped", str(report.result.stopped))
+        _log_report(report)
+        log.info("logged attack run %s (%s)", self.run_id, self.name)
+        return str(self.run_id)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            mlflow.end_run()
+            return False
+        mlflow.set_tag("error", f"{exc_type.__name__}: {exc}"[:5000])
+        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        mlflow.end_run(status=status)
+        log.warning("MLflow run %s ended %s: %s", self.run_id, status, exc)
+        return False
+
+
+def _log_epoch_row(row: dict[str, Any]) -> None:
+    log_metrics({f"train.{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+def _log_report(report: Any) -> None:
+    """The report's metrics, record, history, figures and generator, on the active run."""
     from clusterattack.attacks.io import save_generator
 
     record = report.record()
-    config = report.result.config
-    name = run_name or attack_run_name(record["victim"], config)
-    tags = {key: str(record[key]) for key in _TAG_KEYS}
-    tags["black_box"] = str(config.black_box)
-    with start_run(experiment, run_name=name, tags=tags) as run:
-        log_params({"victim": record["victim"], "dataset": record["dataset"], **config.flat()})
-        log_metrics({k: v for k, v in record.items() if k not in ("eps", "seed")})
-        for row in report.result.history:
-            log_metrics({f"train.{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-        mlflow.log_dict(json.loads(json.dumps(record, default=str)), "record.json")
-        mlflow.log_dict({"history": report.result.history, "source": report.result.source}, "history.json")
-        for key, fig in report.figures.items():
-            mlflow.log_figure(fig, f"figures/{key}.png")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_generator(
-                report.result.generator,
-                config,
-                Path(tmp) / "generator.pt",
-                extra={"victim": record["victim"], "dataset": record["dataset"], "evaluation": report.evaluation},
-            )
-            mlflow.log_artifact(str(path), artifact_path="generator")
-        log.info("logged attack run %s (%s)", run.info.run_id, name)
-        return run.info.run_id
+    log_metrics({k: v for k, v in record.items() if k not in ("eps", "seed")})
+    mlflow.log_dict(json.loads(json.dumps(record, default=str)), "record.json")
+    mlflow.log_dict({"history": report.result.history, "source": report.result.source}, "history.json")
+    for key, fig in report.figures.items():
+        mlflow.log_figure(fig, f"figures/{key}.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_generator(
+            report.result.generator,
+            report.result.config,
+            Path(tmp) / "generator.pt",
+            extra={"victim": record["victim"], "dataset": record["dataset"], "evaluation": report.evaluation},
+        )
+        mlflow.log_artifact(str(path), artifact_path="generator")
 
 
 def download_generator(run_id: str, dst: str | Path | None = None) -> Path:

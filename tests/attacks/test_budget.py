@@ -33,9 +33,9 @@ def test_budget_exhaustion_ends_training_with_partial_results(victim, blobs, sou
     assert summary["stopped"] == "budget_exhausted" and summary["calls_256"] >= 1
 
 
-def test_a_run_cut_short_is_still_evaluated_with_another_handle(victim, blobs, config):
+def test_a_run_cut_short_is_still_evaluated_with_another_handle(victim, blobs, config, mlflow_uri):
     train, test, labels, _ = blobs
-    counted = CountingVictim(victim, budget=320 + 1500)
+    counted = CountingVictim(victim, budget=320 + 2 * 1600 + 500)  # runs out in the third epoch
     report = run_attack(
         counted, train, test, labels, config(gradient_source="estimate", epochs=6),
         victim_name="linear", dataset="blobs", eval_victim=CountingVictim(victim), progress=False,
@@ -43,6 +43,16 @@ def test_a_run_cut_short_is_still_evaluated_with_another_handle(victim, blobs, c
     assert report.result.stopped == "budget_exhausted"
     assert report.evaluation is not None and report.evaluation["n_images"] == test.shape[0]
     assert "budget_exhausted" in report.table_row()
+
+    # ... and recorded as such: the partial epochs, the queries spent, why it stopped.
+    from clusterattack.tracking import client
+    from clusterattack.tracking.attacks import log_attack_report
+
+    run = client().get_run(log_attack_report(report))
+    assert run.data.tags["stopped"] == "budget_exhausted" and run.info.status == "FINISHED"
+    assert run.data.metrics["image_queries"] == report.result.image_queries
+    steps = [m.step for m in client().get_metric_history(run.info.run_id, "train.loss_g")]
+    assert report.result.epochs_run >= 1 and steps == list(range(1, report.result.epochs_run + 1))
 
 
 def test_budget_spent_before_evaluation_is_reported_not_raised(victim, blobs, config):

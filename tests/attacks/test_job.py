@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clusterattack.attacks import CountingVictim
 from clusterattack.attacks.io import load_generator
 from clusterattack.victims.backbones import BackboneConfig
 from clusterattack.victims.cc import CC, CCConfig
@@ -69,3 +70,66 @@ def test_job_runs_one_attack_and_records_it(victim_file, tmp_path, mlflow_uri, c
 def test_job_rejects_a_bad_config_with_a_message(victim_file, capsys):
     assert _job().main(["--victim", str(victim_file), "--dataset", "digits", "--eps", "-1", "--no-mlflow"]) == 2
     assert "eps must be > 0, got -1.0" in capsys.readouterr().err
+
+
+class _DiesAfter(CountingVictim):
+    """A victim whose server goes away once ``limit`` image-queries have been answered."""
+
+    def __init__(self, model, limit: int) -> None:
+        super().__init__(model)
+        self.limit = limit
+
+    def predict_proba(self, x):
+        if self.image_queries >= self.limit:
+            raise ConnectionError("victim server went away")
+        return super().predict_proba(x)
+
+
+@pytest.mark.slow
+def test_an_interrupted_attack_keeps_its_epochs_and_resumes_in_its_run(
+    victim_file, tmp_path, mlflow_uri, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    flags = [
+        "--victim", str(victim_file), "--dataset", "digits", "--gradient-source", "estimate",
+        "--epochs", "3", "--train-limit", "128", "--seed", "2", "--quiet", "--out", str(out),
+        "--threads", "1", "--set", "generator_width=4", "--set", "estimator.samples=1",
+    ]
+    per_epoch = 128 * 3  # one step of 128 images, each asked 1 + 2q times
+    job = _job()
+    # The victim answers the clean memberships and the first epoch, then fails.
+    monkeypatch.setattr(job, "CountingVictim", lambda model, budget=None: _DiesAfter(model, 128 + per_epoch))
+    with pytest.raises(ConnectionError):
+        job.main(flags)
+
+    from clusterattack.tracking import client
+
+    experiment = client().get_experiment_by_name("attacks").experiment_id
+    (run,) = client().search_runs([experiment])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "ConnectionError: victim server went away"
+    assert run.data.tags["gradient_source"] == "estimate" and run.data.params["eps"] == "0.1"
+    streamed = client().get_metric_history(run.info.run_id, "train.loss_g")
+    assert [m.step for m in streamed] == [1]
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert saved["state"]["epoch"] == 1 and saved["mlflow_run_id"] == run.info.run_id
+    assert not (out / "record.json").exists()
+
+    job = _job()  # the victim is back
+    assert job.main([*flags, "--eps", "0.2", "--resume"]) == 2
+    assert "was written by another attack (eps: 0.1 there, 0.2 now)" in capsys.readouterr().err
+    assert job.main(["--victim", str(victim_file), "--dataset", "digits", "--resume", "--no-mlflow"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+
+    assert job.main([*flags, "--resume"]) == 0
+    (run,) = client().search_runs([experiment])
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    assert run.data.tags["stopped"] == "completed"
+    assert [m.step for m in client().get_metric_history(run.info.run_id, "train.loss_g")] == [1, 2, 3]
+    record = json.loads((out / "record.json").read_text())
+    assert record["epochs_run"] == 3
+    # The clean memberships came back with the checkpoint: they are not asked (or counted) again.
+    assert record["image_queries"] == run.data.metrics["image_queries"] == 128 + 3 * per_epoch
+    assert not (out / "checkpoint.pt").exists()
+    assert job.main([*flags, "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
