@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from clusterattack.tracking.store import (
     configure,
@@ -125,10 +126,16 @@ class LiveAttackRun:
     def __enter__(self) -> LiveAttackRun:
         configure()
         if self.run_id is not None:
-            mlflow.start_run(run_id=self.run_id)
-            mlflow.set_tag("resumed", "true")
-            log.info("MLflow run %s (%s) resumed", self.run_id, self.name)
-            return self
+            try:
+                mlflow.start_run(run_id=self.run_id)
+            except MlflowException as err:
+                # Another tracking store than the checkpoint's: go on in a new run.
+                log.warning("cannot reopen MLflow run %s (%s); starting a new one", self.run_id, err)
+                self.run_id = None
+            else:
+                mlflow.set_tag("resumed", "true")
+                log.info("MLflow run %s (%s) resumed", self.run_id, self.name)
+                return self
         config = self.config
         tags = {
             "victim": self.victim,

@@ -133,3 +133,17 @@ def test_an_interrupted_attack_keeps_its_epochs_and_resumes_in_its_run(
     assert not (out / "checkpoint.pt").exists()
     assert job.main([*flags, "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_a_run_id_unknown_to_the_store_starts_a_new_run(mlflow_uri):
+    from clusterattack.attacks import AttackConfig
+    from clusterattack.tracking import client
+    from clusterattack.tracking.attacks import LiveAttackRun
+
+    gone = "0" * 32  # e.g. a checkpoint written against another tracking store
+    with LiveAttackRun("cc", "digits", AttackConfig(), run_id=gone) as live:
+        live.log_epoch({"epoch": 1, "loss_g": 1.5})
+    assert live.run_id not in (None, gone)
+    run = client().get_run(live.run_id)
+    assert run.info.status == "FINISHED" and "resumed" not in run.data.tags
+    assert run.data.tags["victim"] == "cc" and run.data.metrics["train.loss_g"] == 1.5
