@@ -113,8 +113,11 @@ def build_config(args: argparse.Namespace) -> AttackConfig:
     return AttackConfig().override(**changes)
 
 
-def open_victims(args: argparse.Namespace):
+def open_victims(args: argparse.Namespace, spent: int = 0):
     """(attacked victim, scoring victim or None, display name) for the ``--victim`` source.
+
+    ``spent``: image-queries a resumed attack already made, taken off a local ``--budget``
+    (a server's ledger remembers them by itself).
 
     A URL gives ServedVictim clients (the server counts and enforces the budget; scoring
     uses ``--eval-api-key`` when given). A local model has no counter, so it is wrapped
@@ -138,7 +141,8 @@ def open_victims(args: argparse.Namespace):
         # The wrapper passes autograd through untouched; frozen weights gather no gradient.
         model.requires_grad_(False)
     scorer = CountingVictim(model) if args.budget is not None else None
-    return CountingVictim(model, budget=args.budget), scorer, name
+    budget = None if args.budget is None else max(args.budget - spent, 0)
+    return CountingVictim(model, budget=budget), scorer, name
 
 
 def read_checkpoint(args: argparse.Namespace, config: AttackConfig) -> dict[str, Any] | None:
@@ -180,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         resume = read_checkpoint(args, config)
-        victim, eval_victim, victim_name = open_victims(args)
+        spent = 0 if resume is None else int(resume["state"]["counts"][0] or 0)
+        victim, eval_victim, victim_name = open_victims(args, spent)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -135,6 +135,28 @@ def test_an_interrupted_attack_keeps_its_epochs_and_resumes_in_its_run(
     assert "nothing to resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_a_resumed_attack_keeps_to_the_budget_it_started_with(victim_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    per_epoch = 128 * 3
+    budget = 128 + 2 * per_epoch + 10  # room for the clean memberships and two epochs
+    flags = [
+        "--victim", str(victim_file), "--dataset", "digits", "--gradient-source", "estimate",
+        "--epochs", "3", "--train-limit", "128", "--quiet", "--out", str(out), "--no-mlflow",
+        "--threads", "1", "--set", "generator_width=4", "--set", "estimator.samples=1",
+        "--budget", str(budget),
+    ]
+    job = _job()
+    monkeypatch.setattr(job, "CountingVictim", lambda model, budget=None: _DiesAfter(model, 128 + per_epoch))
+    with pytest.raises(ConnectionError):
+        job.main(flags)
+    assert _job().main([*flags, "--resume"]) == 0
+    record = json.loads((out / "record.json").read_text())
+    # The resumed process may spend only what the first one left: the third epoch runs out.
+    assert record["stopped"] == "budget_exhausted" and record["epochs_run"] == 2
+    assert 128 + 2 * per_epoch <= record["image_queries"] <= budget
+
+
 def test_a_run_id_unknown_to_the_store_starts_a_new_run(mlflow_uri):
     from clusterattack.attacks import AttackConfig
     from clusterattack.tracking import client
