@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,24 @@ def client() -> MlflowClient:
 
 
 def ensure_experiment(name: str) -> str:
-    """Id of experiment ``name``, created (with the local artifact root) when missing."""
+    """Id of experiment ``name``, created (with the local artifact root) when missing.
+
+    Two processes that start side by side may both find it missing; the one whose create
+    loses the race reads the winner's experiment instead of failing.
+    """
     configure()
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     root = artifact_root()
     location = f"{root.rstrip('/')}/{name}" if root else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
