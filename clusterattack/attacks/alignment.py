@@ -36,7 +36,9 @@ def victim_input_gradient(
         if not memberships.requires_grad:
             raise TypeError(f"{type(victim).__name__}.predict_proba returned no autograd graph")
         leaf = memberships.detach().requires_grad_(True)
-        loss = attack_objective(clean, leaf, config.attack_loss, config.target_cluster, config.mi_temperature)
+        loss = attack_objective(
+            clean, leaf, config.attack_loss, config.target_cluster, config.mi_temperature, config.margin_kappa
+        )
         (g,) = torch.autograd.grad(loss, leaf)
         (grad,) = torch.autograd.grad((memberships * g).sum(), x)
     return grad.detach(), g.detach()

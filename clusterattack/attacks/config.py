@@ -20,7 +20,7 @@ __all__ = [
 
 NORMS = ("linf", "l2")
 GAN_LOSSES = ("lsgan", "log")
-ATTACK_LOSSES = ("paper", "mutual_info")
+ATTACK_LOSSES = ("paper", "mutual_info", "margin")
 GRADIENT_SOURCES = ("whitebox", "estimate", "surrogate")
 ESTIMATORS = ("nes", "spsa")
 PRIORS = ("none", "surrogate")
@@ -170,7 +170,9 @@ class AttackConfig:
     min(eps - ||G(x)||, 0)). ``attack_loss`` "paper" is the squared distance between clean
     and perturbed memberships; "mutual_info" the soft mutual information between clean
     and perturbed assignments over a batch (minimised), which breaks clusterings far more
-    at the same eps. ``target_cluster`` turns on the targeted variant (footnote 9).
+    at the same eps; "margin" the clean cluster's log-membership lead over the best other
+    one, floored at ``-margin_kappa`` (it counts cluster changes only, for victims whose
+    soft memberships let the MI term fall without any). ``target_cluster`` turns on the targeted variant (footnote 9).
 
     The perturbation is always projected onto the ``norm`` ball of radius ``eps`` and the
     image clamped to [0, 1], so the bound holds whatever the generator outputs;
@@ -182,6 +184,7 @@ class AttackConfig:
     eps: float = 0.1
     attack_loss: str = "mutual_info"
     mi_temperature: float = 1.0  # sharpening of perturbed memberships in the MI term
+    margin_kappa: float = 1.0  # "margin" term: lead (nats) past which a moved image stops counting
     alpha_a: float = 10.0
     alpha_c: float = 1.0
     alpha_gan: float = 1.0
@@ -225,6 +228,7 @@ class AttackConfig:
             raise ValueError(f"eps for norm 'linf' on [0, 1] images must be <= 1, got {self.eps!r}")
         _choice("attack_loss", self.attack_loss, ATTACK_LOSSES)
         _positive("mi_temperature", self.mi_temperature)
+        _positive("margin_kappa", self.margin_kappa)
         _non_negative("alpha_a", self.alpha_a)
         _non_negative("alpha_c", self.alpha_c)
         _non_negative("alpha_gan", self.alpha_gan)

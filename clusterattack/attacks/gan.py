@@ -471,7 +471,9 @@ def _step(
         perturbed = source.memberships(x_adv)
         judged = discriminator(x_adv) if config.alpha_gan > 0 else None
     perturbed = perturbed.float()
-    attack = attack_objective(clean, perturbed, config.attack_loss, config.target_cluster, config.mi_temperature)
+    attack = attack_objective(
+        clean, perturbed, config.attack_loss, config.target_cluster, config.mi_temperature, config.margin_kappa
+    )
     gan = generator_gan_loss(judged.float(), config.gan_loss) if judged is not None else torch.zeros(())
     constraint = constraint_penalty(g, config.norm, config.eps)
     loss_g = config.alpha_gan * gan + config.alpha_a * attack + config.alpha_c * constraint

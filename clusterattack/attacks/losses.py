@@ -11,6 +11,7 @@ __all__ = [
     "attack_objective",
     "constraint_penalty",
     "discriminator_loss",
+    "flip_margin",
     "generator_gan_loss",
     "membership_distance",
     "soft_mutual_information",
@@ -49,12 +50,34 @@ def soft_mutual_information(clean: torch.Tensor, perturbed: torch.Tensor) -> tor
     return (joint * (joint.log() - outer.log())).sum()
 
 
+def flip_margin(
+    clean: torch.Tensor, perturbed: torch.Tensor, kappa: float, target_cluster: int | None = None
+) -> torch.Tensor:
+    """Mean over images of a log-membership margin that reaches its floor once the image moves.
+
+    Untargeted: log M'_y - max_{j != y} log M'_j with y the clean argmax, floored at
+    -kappa. It is positive while the image stays in its clean cluster and stops counting
+    once the image sits in another with a lead of kappa (nats), so flattening memberships
+    without moving an argmax earns little, and images already moved stop taking the
+    generator's capacity. Targeted: max_{j != t} log M'_j - log M'_t, floored alike.
+    """
+    logp = torch.log(perturbed.clamp_min(_TINY))
+    k = perturbed.shape[1]
+    y = clean.argmax(dim=1) if target_cluster is None else torch.full_like(clean[:, 0], target_cluster, dtype=torch.long)
+    own = F.one_hot(y, k).bool()
+    at_y = logp.gather(1, y[:, None]).squeeze(1)
+    best_other = logp.masked_fill(own, float("-inf")).max(dim=1).values
+    margin = at_y - best_other if target_cluster is None else best_other - at_y
+    return margin.clamp_min(-kappa).mean()
+
+
 def attack_objective(
     clean: torch.Tensor,
     perturbed: torch.Tensor,
     attack_loss: str,
     target_cluster: int | None = None,
     mi_temperature: float = 1.0,
+    margin_kappa: float = 1.0,
 ) -> torch.Tensor:
     """The attack term the generator minimises (already signed; weighted by alpha_a).
 
@@ -65,13 +88,19 @@ def attack_objective(
     - targeted (footnote 9), "paper": the distance between the perturbed memberships and
       the one-hot vector of ``target_cluster``, pulled to 0;
     - targeted, "mutual_info": the cross-entropy -log M_t (the information-theoretic
-      counterpart, which unlike the squared distance does not saturate when M_t is small).
+      counterpart, which unlike the squared distance does not saturate when M_t is small);
+    - "margin", either way: ``flip_margin`` with floor ``margin_kappa``, a term that counts
+      cluster changes and nothing else.
     """
     if clean.shape != perturbed.shape or clean.ndim != 2:
         raise ValueError(
             f"clean and perturbed memberships must both be N x K, got {tuple(clean.shape)} "
             f"and {tuple(perturbed.shape)}"
         )
+    if attack_loss == "margin":
+        if target_cluster is not None and not 0 <= target_cluster < perturbed.shape[1]:
+            raise ValueError(f"target_cluster must lie in 0..{perturbed.shape[1] - 1}, got {target_cluster}")
+        return flip_margin(clean, perturbed, margin_kappa, target_cluster)
     if target_cluster is not None:
         k = perturbed.shape[1]
         if not 0 <= target_cluster < k:
@@ -85,7 +114,7 @@ def attack_objective(
         return -membership_distance(clean, perturbed)
     if attack_loss == "mutual_info":
         return soft_mutual_information(clean, sharpen(perturbed, mi_temperature))
-    raise ValueError(f"attack_loss must be 'paper' or 'mutual_info', got {attack_loss!r}")
+    raise ValueError(f"attack_loss must be 'paper', 'mutual_info' or 'margin', got {attack_loss!r}")
 
 
 def constraint_penalty(g: torch.Tensor, norm: str, eps: float) -> torch.Tensor:

@@ -38,7 +38,7 @@ def attack_run_name(victim: str, config: Any) -> str:
 
     Beyond the gradient source, norm, eps and seed, the name carries the choices that
     change what a run measured when they differ from the defaults: the paper's attack term,
-    a target cluster, a sharpened mutual-information term, the loss weights (``aa``
+    a target cluster, a sharpened mutual-information term, the margin term's floor (``k``), the loss weights (``aa``
     alpha_a, ``ac`` alpha_c, ``ag`` alpha_gan), the generator's training images (``n``),
     its learning-rate steps (``lr<milestones>x<gamma>``), the held-out images that pick the
     epoch kept (``sel``), the surrogate's architecture or ensemble, and the estimator's
@@ -55,6 +55,8 @@ def attack_run_name(victim: str, config: Any) -> str:
     untargeted_mi = config.attack_loss == "mutual_info" and config.target_cluster is None
     if untargeted_mi and config.mi_temperature != AttackConfig.mi_temperature:
         parts.append(f"T{config.mi_temperature:g}")
+    if config.attack_loss == "margin" and config.margin_kappa != AttackConfig.margin_kappa:
+        parts.append(f"k{config.margin_kappa:g}")
     for tag, field in (("aa", "alpha_a"), ("ac", "alpha_c"), ("ag", "alpha_gan")):
         if getattr(config, field) != getattr(AttackConfig, field):
             parts.append(f"{tag}{getattr(config, field):g}")

@@ -27,6 +27,8 @@ BAD = [
     ({"seed": 1.5}, "seed"),
     ({"device": ""}, "device"),
     ({"mi_temperature": 0.0}, "mi_temperature"),
+    ({"margin_kappa": -1.0}, "margin_kappa"),
+    ({"attack_loss": "hinge"}, "attack_loss"),
 ]
 
 
@@ -115,6 +117,8 @@ def test_attack_run_names_tell_apart_what_changes_the_attack():
     assert attack_run_name("cc", base) == "cc-surrogate-linf-eps0.1-s0"
     # Two runs that differ only in the sharpening of the MI term no longer share a name.
     assert attack_run_name("mice", base.override(mi_temperature=0.3)) == "mice-surrogate-linf-eps0.1-T0.3-s0"
+    margin = base.override(attack_loss="margin", margin_kappa=2.0, mi_temperature=0.3)
+    assert attack_run_name("ruc", margin) == "ruc-surrogate-linf-eps0.1-margin-k2-s0"
     black = base.override(
         gradient_source="estimate", eps=0.05, seed=3,
         **{"estimator.prior": "surrogate", "estimator.samples": 1, "surrogate.arch": "pretext"},
