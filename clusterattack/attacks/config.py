@@ -27,6 +27,7 @@ PRIORS = ("none", "surrogate")
 SURROGATE_LOSSES = ("kl", "kl_logit")
 SURROGATE_ARCHS = ("convnet", "small", "pretext")
 SURROGATE_BACKBONES = ("shared", "distinct")
+DIVERSITIES = ("none", "shift", "shift_flip", "crop_flip")
 
 
 def _positive(name: str, value: float) -> None:
@@ -108,6 +109,15 @@ class SurrogateConfig:
     image-query per training image per epoch): the attack term is evaluated on the
     victim's memberships, its gradient taken through the surrogate, and the surrogate
     fine-tuned on those points as it goes.
+
+    ``diversity`` takes the surrogate's gradient (the straight-through Jacobian, and the
+    estimate mode's transfer prior) through a random view of x_adv, a fresh one per step:
+    "shift" (up to ``input_diversity`` pixels), "shift_flip" (also a horizontal flip) or
+    "crop_flip" (a random crop of 70-100% of the area, resized back, and a flip: the weak
+    view deep clustering models are trained to be invariant to). Perturbations that work
+    across such views transfer to the victim far better (Xie et al., CVPR 2019): against
+    RUC, per-image PGD on the ensemble moved 25% of the victim's assignments plain and 46%
+    through "shift_flip".
     """
 
     distill_queries: int = 60_000
@@ -126,7 +136,8 @@ class SurrogateConfig:
     online: bool = True
     online_steps: int = 1  # surrogate fine-tuning steps per generator step (online)
     pretext_epochs: int = 8  # SimCLR epochs of the attacker's own backbone (arch "pretext")
-    input_diversity: float = 0.0  # max random shift (pixels) of x_adv seen by the surrogate
+    input_diversity: float = 2.0  # max random shift (pixels) of the "shift" views
+    diversity: str = "none"  # random view of x_adv the surrogate's gradient is taken through
     backbones: str = "shared"  # pretext ensemble: one attacker backbone, or one per member
 
     def __post_init__(self) -> None:
@@ -145,6 +156,12 @@ class SurrogateConfig:
         _positive_int("surrogate.online_steps", self.online_steps)
         _positive_int("surrogate.pretext_epochs", self.pretext_epochs)
         _non_negative("surrogate.input_diversity", self.input_diversity)
+        _choice("surrogate.diversity", self.diversity, DIVERSITIES)
+        if self.diversity in ("shift", "shift_flip") and self.input_diversity <= 0:
+            raise ValueError(
+                f"surrogate.diversity {self.diversity!r} shifts by up to surrogate.input_diversity "
+                f"pixels, which must be > 0, got {self.input_diversity!r}"
+            )
         _choice("surrogate.backbones", self.backbones, SURROGATE_BACKBONES)
         if self.backbones == "distinct" and self.arch != "pretext":
             raise ValueError(

@@ -72,6 +72,8 @@ def attack_run_name(victim: str, config: Any) -> str:
             parts.append(sur.arch)
         if sur.ensemble != SurrogateConfig.ensemble:
             parts.append(f"ens{sur.ensemble}" + ("d" if sur.backbones == "distinct" else ""))
+        if sur.diversity != SurrogateConfig.diversity:
+            parts.append(sur.diversity.replace("_", ""))
     if config.gradient_source == "estimate":
         est = config.estimator
         if est.method != EstimatorConfig.method:

@@ -16,6 +16,8 @@ from clusterattack.attacks.gradients import WhiteBoxSource
         ("surrogate", {}),
         ("surrogate", {"surrogate.online": False}),
         ("surrogate", {"surrogate.arch": "pretext", "surrogate.pretext_epochs": 1}),
+        ("surrogate", {"surrogate.diversity": "crop_flip"}),
+        ("estimate", {"estimator.prior": "surrogate", "surrogate.diversity": "shift_flip"}),
     ],
 )
 def test_black_box_never_touches_the_victims_parameters(victim, blobs, source, changes, config, scores_only):

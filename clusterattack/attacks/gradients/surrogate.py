@@ -93,6 +93,30 @@ def _shift_flip(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _crop_flip(
+    x: torch.Tensor, generator: torch.Generator, area: tuple[float, float] = (0.7, 1.0)
+) -> torch.Tensor:
+    """Random crop of ``area`` of the image (aspect 3/4 to 4/3), resized back, and a random flip.
+
+    The weak view of the victims' recipes, drawn from ``generator``; differentiable in ``x``.
+    """
+    n = x.shape[0]
+    a = torch.empty(n).uniform_(*area, generator=generator)
+    ratio = torch.exp(torch.empty(n).uniform_(-0.2877, 0.2877, generator=generator))
+    sx = torch.sqrt(a * ratio).clamp(max=1.0)
+    sy = torch.sqrt(a / ratio).clamp(max=1.0)
+    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sx)
+    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sy)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = sx * flip
+    theta[:, 1, 1] = sy
+    theta[:, 0, 2] = cx
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def _distill_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     log_q = F.log_softmax(logits, dim=1)
     kl = F.kl_div(log_q, target, reduction="batchmean")
@@ -276,13 +300,10 @@ class SurrogateSource(GradientSource):
     def memberships(self, x_adv: torch.Tensor) -> torch.Tensor:
         if not self.models:
             raise RuntimeError("surrogate used before prepare(): no model has been distilled")
-        if self.config.input_diversity > 0:
-            # Input diversity (Xie et al., CVPR 2019): the gradient of a randomly shifted
-            # copy favours perturbations that survive small moves, which transfer better
-            # than ones tuned to the surrogate's exact pixel grid.
-            local = self._ensemble_probs(_shift_flip(x_adv, self.generator, self.config.input_diversity, flip=False))
-        else:
-            local = self._ensemble_probs(x_adv)
+        # Input diversity (Xie et al., CVPR 2019): the gradient of a random view favours
+        # perturbations that survive small moves, which transfer better than ones tuned to
+        # the surrogate's exact pixel grid.
+        local = self._ensemble_probs(self._view(x_adv))
         if not self.config.online:
             return local
         queried = query_memberships(self.victim, x_adv, self.query_batch).to(local.device)
@@ -326,11 +347,24 @@ class SurrogateSource(GradientSource):
                 opt.step()
                 model.eval()
 
+    def _view(self, x: torch.Tensor) -> torch.Tensor:
+        """The random view of ``config.diversity`` (differentiable; ``x`` itself for "none")."""
+        kind = self.config.diversity
+        if kind == "none":
+            return x
+        if kind == "crop_flip":
+            return _crop_flip(x, self.generator)
+        return _shift_flip(x, self.generator, self.config.input_diversity, flip=kind == "shift_flip")
+
     def input_gradient(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """d/dx of sum_i weights_i . s(x_i), s the ensemble's memberships (a transfer prior)."""
+        """d/dx of sum_i weights_i . s(v(x_i)), s the ensemble's memberships, v the diversity view.
+
+        The transfer prior of the estimate mode (and what the alignment benchmark measures).
+        """
         with torch.enable_grad():
             x = x.detach().to(self.device).requires_grad_(True)
-            (grad,) = torch.autograd.grad((self._ensemble_probs(x) * weights.to(self.device)).sum(), x)
+            probs = self._ensemble_probs(self._view(x))
+            (grad,) = torch.autograd.grad((probs * weights.to(self.device)).sum(), x)
         return grad.detach()
 
     def end_of_epoch(

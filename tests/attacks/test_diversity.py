@@ -1,0 +1,60 @@
+"""Input diversity: the random views the surrogate's gradient is taken through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clusterattack.attacks import CountingVictim
+from clusterattack.attacks.gradients import make_gradient_source
+from clusterattack.attacks.gradients.surrogate import _crop_flip, _shift_flip
+
+
+@pytest.mark.parametrize("view", [_crop_flip, lambda x, g: _shift_flip(x, g, 2.0)])
+def test_a_view_keeps_shape_and_range_is_seeded_and_passes_gradients(view):
+    x = torch.rand(16, 1, 12, 12, requires_grad=True)
+    a = view(x, torch.Generator().manual_seed(3))
+    b = view(x, torch.Generator().manual_seed(3))
+    c = view(x, torch.Generator().manual_seed(4))
+    assert a.shape == x.shape
+    assert float(a.detach().min()) >= 0.0 and float(a.detach().max()) <= 1.0
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(a, x)
+    a.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_crop_flip_flips_about_half_and_zooms_in():
+    # A left-to-right ramp: a flip reverses its slope, a crop narrows its range.
+    ramp = torch.linspace(0, 1, 16).view(1, 1, 1, 16).expand(400, 1, 16, 16).contiguous()
+    out = _crop_flip(ramp, torch.Generator().manual_seed(0))
+    slope = out[:, 0, 8, -2] - out[:, 0, 8, 1]
+    flipped = float((slope < 0).float().mean())
+    assert 0.4 < flipped < 0.6
+    assert float(slope.abs().max()) < float(ramp[0, 0, 8, -2] - ramp[0, 0, 8, 1]) + 1e-6
+    assert float(slope.abs().min()) > 0.3  # at least 70% of the area: never a sliver
+
+
+@pytest.mark.parametrize("diversity", ["shift_flip", "crop_flip"])
+def test_the_prior_is_taken_through_a_fresh_view_each_time(victim, blobs, config, diversity):
+    train = blobs[0]
+    cfg = config(gradient_source="surrogate", **{"surrogate.diversity": diversity, "surrogate.input_diversity": 1.0})
+    plain = make_gradient_source(CountingVictim(victim), config(gradient_source="surrogate"))
+    diverse = make_gradient_source(CountingVictim(victim), cfg)
+    with torch.no_grad():
+        clean = victim.predict_proba(train)
+    for source in (plain, diverse):
+        source.prepare(train, clean)
+    x, w = train[:32], torch.randn(32, clean.shape[1], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain.input_gradient(x, w), plain.input_gradient(x, w))
+    first, second = diverse.input_gradient(x, w), diverse.input_gradient(x, w)
+    assert first.shape == x.shape and not torch.equal(first, second)
+    # The straight-through Jacobian goes through a view as well: the memberships' gradient
+    # differs from one call to the next while their value (the victim's answer) does not.
+    leaf = x.clone().requires_grad_(True)
+    out1 = diverse.memberships(leaf)
+    (g1,) = torch.autograd.grad((out1 * w).sum(), leaf)
+    diverse.after_step()
+    out2 = diverse.memberships(leaf)
+    (g2,) = torch.autograd.grad((out2 * w).sum(), leaf)
+    assert torch.allclose(out1, out2, atol=1e-6) and not torch.allclose(g1, g2)
