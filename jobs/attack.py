@@ -13,7 +13,9 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +167,42 @@ def read_checkpoint(args: argparse.Namespace, config: AttackConfig) -> dict[str,
     return blob
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``ray job stop``, a scheduler's preemption) as an interrupt.
+
+    A KeyboardInterrupt, so the live MLflow run ends KILLED with the epochs so far, and
+    the checkpoint of the last finished epoch stays for ``--resume``.
+    """
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While inside, SIGTERM raises ``Terminated`` in the main thread (elsewhere: no change)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        with _sigterm_interrupts():
+            return _main(argv)
+    except Terminated as stop:
+        print(f"{stop}; the run ends KILLED; with --out, --resume goes on from the last finished epoch",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:

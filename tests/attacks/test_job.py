@@ -169,3 +169,46 @@ def test_a_run_id_unknown_to_the_store_starts_a_new_run(mlflow_uri):
     run = client().get_run(live.run_id)
     assert run.info.status == "FINISHED" and "resumed" not in run.data.tags
     assert run.data.tags["victim"] == "cc" and run.data.metrics["train.loss_g"] == 1.5
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_killed_and_keeps_the_checkpoint(victim_file, tmp_path, mlflow_uri):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable, str(JOB), "--victim", str(victim_file), "--dataset", "digits",
+            "--gradient-source", "estimate", "--epochs", "500", "--train-limit", "128", "--quiet",
+            "--out", str(out), "--threads", "1", "--set", "generator_width=4", "--set", "estimator.samples=1",
+        ],
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no epoch finished in 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by signal SIGTERM" in err and "--resume" in err
+
+    from clusterattack.tracking import client
+
+    (run,) = client().search_runs([client().get_experiment_by_name("attacks").experiment_id])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["error"] == "Terminated: stopped by signal SIGTERM"
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert saved["state"]["epoch"] >= 1 and saved["mlflow_run_id"] == run.info.run_id
+    assert len(client().get_metric_history(run.info.run_id, "train.loss_g")) >= saved["state"]["epoch"]
