@@ -114,7 +114,8 @@ class SurrogateConfig:
     estimate mode's transfer prior) through a random view of x_adv, a fresh one per step:
     "shift" (up to ``input_diversity`` pixels), "shift_flip" (also a horizontal flip) or
     "crop_flip" (a random crop of 70-100% of the area, resized back, and a flip: the weak
-    view deep clustering models are trained to be invariant to). Perturbations that work
+    view deep clustering models are trained to be invariant to); ``diversity_draws`` views
+    are averaged per step (each costs a surrogate pass, no query). Perturbations that work
     across such views transfer to the victim far better (Xie et al., CVPR 2019): against
     RUC, per-image PGD on the ensemble moved 25% of the victim's assignments plain and 46%
     through "shift_flip".
@@ -138,6 +139,7 @@ class SurrogateConfig:
     pretext_epochs: int = 8  # SimCLR epochs of the attacker's own backbone (arch "pretext")
     input_diversity: float = 2.0  # max random shift (pixels) of the "shift" views
     diversity: str = "none"  # random view of x_adv the surrogate's gradient is taken through
+    diversity_draws: int = 1  # views averaged per step (expectation over views)
     backbones: str = "shared"  # pretext ensemble: one attacker backbone, or one per member
 
     def __post_init__(self) -> None:
@@ -157,6 +159,7 @@ class SurrogateConfig:
         _positive_int("surrogate.pretext_epochs", self.pretext_epochs)
         _non_negative("surrogate.input_diversity", self.input_diversity)
         _choice("surrogate.diversity", self.diversity, DIVERSITIES)
+        _positive_int("surrogate.diversity_draws", self.diversity_draws)
         if self.diversity in ("shift", "shift_flip") and self.input_diversity <= 0:
             raise ValueError(
                 f"surrogate.diversity {self.diversity!r} shifts by up to surrogate.input_diversity "

@@ -73,7 +73,8 @@ def attack_run_name(victim: str, config: Any) -> str:
         if sur.ensemble != SurrogateConfig.ensemble:
             parts.append(f"ens{sur.ensemble}" + ("d" if sur.backbones == "distinct" else ""))
         if sur.diversity != SurrogateConfig.diversity:
-            parts.append(sur.diversity.replace("_", ""))
+            draws = f"x{sur.diversity_draws}" if sur.diversity_draws != SurrogateConfig.diversity_draws else ""
+            parts.append(sur.diversity.replace("_", "") + draws)
     if config.gradient_source == "estimate":
         est = config.estimator
         if est.method != EstimatorConfig.method:

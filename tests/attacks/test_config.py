@@ -53,6 +53,7 @@ def test_bad_attack_config_is_rejected_naming_the_field(changes, name):
         (SurrogateConfig, {"backbones": "separate"}, "backbones"),
         (SurrogateConfig, {"backbones": "distinct", "arch": "small"}, "backbones 'distinct' needs surrogate.arch"),
         (SurrogateConfig, {"diversity": "rotate"}, "surrogate.diversity"),
+        (SurrogateConfig, {"diversity_draws": 0}, "surrogate.diversity_draws"),
         (SurrogateConfig, {"diversity": "shift", "input_diversity": 0.0}, "input_diversity pixels, which must be > 0"),
     ],
 )
@@ -121,6 +122,8 @@ def test_attack_run_names_tell_apart_what_changes_the_attack():
     assert attack_run_name("mice", base.override(mi_temperature=0.3)) == "mice-surrogate-linf-eps0.1-T0.3-s0"
     diverse = base.override(**{"surrogate.diversity": "shift_flip"})
     assert attack_run_name("ruc", diverse) == "ruc-surrogate-linf-eps0.1-shiftflip-s0"
+    drawn = diverse.override(**{"surrogate.diversity_draws": 4})
+    assert attack_run_name("ruc", drawn) == "ruc-surrogate-linf-eps0.1-shiftflipx4-s0"
     margin = base.override(attack_loss="margin", margin_kappa=2.0, mi_temperature=0.3)
     assert attack_run_name("ruc", margin) == "ruc-surrogate-linf-eps0.1-margin-k2-s0"
     black = base.override(

@@ -58,3 +58,20 @@ def test_the_prior_is_taken_through_a_fresh_view_each_time(victim, blobs, config
     out2 = diverse.memberships(leaf)
     (g2,) = torch.autograd.grad((out2 * w).sum(), leaf)
     assert torch.allclose(out1, out2, atol=1e-6) and not torch.allclose(g1, g2)
+
+
+def test_more_draws_average_the_views_into_a_steadier_prior(victim, blobs, config):
+    train = blobs[0]
+    with torch.no_grad():
+        clean = victim.predict_proba(train)
+    x, w = train[:32], torch.randn(32, clean.shape[1], generator=torch.Generator().manual_seed(0))
+
+    def spread(draws):
+        cfg = config(gradient_source="surrogate", **{"surrogate.diversity": "crop_flip", "surrogate.diversity_draws": draws})
+        source = make_gradient_source(CountingVictim(victim), cfg)
+        source.prepare(train, clean)
+        first, second = source.input_gradient(x, w), source.input_gradient(x, w)
+        return float(torch.nn.functional.cosine_similarity(first.flatten(1), second.flatten(1)).mean())
+
+    # Two calls draw different views; averaging 16 of them brings the two gradients closer.
+    assert spread(16) > spread(1)

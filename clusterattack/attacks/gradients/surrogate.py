@@ -303,7 +303,7 @@ class SurrogateSource(GradientSource):
         # Input diversity (Xie et al., CVPR 2019): the gradient of a random view favours
         # perturbations that survive small moves, which transfer better than ones tuned to
         # the surrogate's exact pixel grid.
-        local = self._ensemble_probs(self._view(x_adv))
+        local = self._viewed_probs(x_adv)
         if not self.config.online:
             return local
         queried = query_memberships(self.victim, x_adv, self.query_batch).to(local.device)
@@ -356,6 +356,13 @@ class SurrogateSource(GradientSource):
             return _crop_flip(x, self.generator)
         return _shift_flip(x, self.generator, self.config.input_diversity, flip=kind == "shift_flip")
 
+    def _viewed_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The ensemble's memberships averaged over ``diversity_draws`` random views of ``x``."""
+        if self.config.diversity == "none":
+            return self._ensemble_probs(x)
+        draws = [self._ensemble_probs(self._view(x)) for _ in range(self.config.diversity_draws)]
+        return torch.stack(draws).mean(0)
+
     def input_gradient(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """d/dx of sum_i weights_i . s(v(x_i)), s the ensemble's memberships, v the diversity view.
 
@@ -363,7 +370,7 @@ class SurrogateSource(GradientSource):
         """
         with torch.enable_grad():
             x = x.detach().to(self.device).requires_grad_(True)
-            probs = self._ensemble_probs(self._view(x))
+            probs = self._viewed_probs(x)
             (grad,) = torch.autograd.grad((probs * weights.to(self.device)).sum(), x)
         return grad.detach()
 
