@@ -63,27 +63,33 @@ STRONG = AugmentConfig()
 STRONGER = AugmentConfig(erase_prob=0.5, noise_std=0.02)
 
 
-def _crop_flip(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+def crop_flip(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random resized crop (``cfg.crop_scale``, aspect 3/4 to 4/3) and flip; differentiable in ``x``.
+
+    Randomness from ``generator`` when given (drawn on its device), else from torch's global
+    generator on ``x``'s device.
+    """
     n = x.shape[0]
     dev = x.device
+    draw = generator.device if generator is not None else dev
     lo, hi = cfg.crop_scale
-    area = torch.empty(n, device=dev).uniform_(lo, hi)
-    log_ratio = torch.empty(n, device=dev).uniform_(-0.2877, 0.2877)  # aspect in [3/4, 4/3]
+    area = torch.empty(n, device=draw).uniform_(lo, hi, generator=generator)
+    log_ratio = torch.empty(n, device=draw).uniform_(-0.2877, 0.2877, generator=generator)  # aspect in [3/4, 4/3]
     ratio = torch.exp(log_ratio)
     sw = torch.sqrt(area * ratio).clamp(max=1.0)
     sh = torch.sqrt(area / ratio).clamp(max=1.0)
     # Centre offsets keep the crop inside the image (normalised coords in [-1, 1]).
-    tx = (torch.rand(n, device=dev) * 2 - 1) * (1 - sw)
-    ty = (torch.rand(n, device=dev) * 2 - 1) * (1 - sh)
-    flip = torch.ones(n, device=dev)
+    tx = (torch.rand(n, device=draw, generator=generator) * 2 - 1) * (1 - sw)
+    ty = (torch.rand(n, device=draw, generator=generator) * 2 - 1) * (1 - sh)
+    flip = torch.ones(n, device=draw)
     if cfg.hflip:
-        flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+        flip = torch.where(torch.rand(n, device=draw, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=draw, dtype=x.dtype)
     theta[:, 0, 0] = sw * flip
     theta[:, 0, 2] = tx
     theta[:, 1, 1] = sh
     theta[:, 1, 2] = ty
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(dev), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -119,7 +125,7 @@ def augment(x: torch.Tensor, cfg: AugmentConfig = STRONG) -> torch.Tensor:
         )
     n, c, h, w = x.shape
     dev = x.device
-    y = _crop_flip(x, cfg)
+    y = crop_flip(x, cfg)
     if cfg.jitter_prob and (cfg.brightness or cfg.contrast or cfg.saturation):
         y = _jitter(y, cfg)
     if cfg.grayscale_prob and c == 3:

@@ -7,10 +7,11 @@ import torch
 
 from clusterattack.attacks import CountingVictim
 from clusterattack.attacks.gradients import make_gradient_source
-from clusterattack.attacks.gradients.surrogate import _crop_flip, _shift_flip
+from clusterattack.attacks.gradients.surrogate import _shift_flip
+from clusterattack.victims.augment import WEAK, crop_flip
 
 
-@pytest.mark.parametrize("view", [_crop_flip, lambda x, g: _shift_flip(x, g, 2.0)])
+@pytest.mark.parametrize("view", [lambda x, g: crop_flip(x, WEAK, g), lambda x, g: _shift_flip(x, g, 2.0)])
 def test_a_view_keeps_shape_and_range_is_seeded_and_passes_gradients(view):
     x = torch.rand(16, 1, 12, 12, requires_grad=True)
     a = view(x, torch.Generator().manual_seed(3))
@@ -27,7 +28,7 @@ def test_a_view_keeps_shape_and_range_is_seeded_and_passes_gradients(view):
 def test_crop_flip_flips_about_half_and_zooms_in():
     # A left-to-right ramp: a flip reverses its slope, a crop narrows its range.
     ramp = torch.linspace(0, 1, 16).view(1, 1, 1, 16).expand(400, 1, 16, 16).contiguous()
-    out = _crop_flip(ramp, torch.Generator().manual_seed(0))
+    out = crop_flip(ramp, WEAK, torch.Generator().manual_seed(0))
     slope = out[:, 0, 8, -2] - out[:, 0, 8, 1]
     flipped = float((slope < 0).float().mean())
     assert 0.4 < flipped < 0.6

@@ -26,6 +26,7 @@ from clusterattack.attacks.gradients.pretext import (
     attacker_cache_dir,
 )
 from clusterattack.precision import autocast
+from clusterattack.victims.augment import WEAK, crop_flip
 from clusterattack.victims.base import Victim
 
 __all__ = ["SurrogateNet", "SurrogateSource", "distill", "refresh_epochs"]
@@ -91,30 +92,6 @@ def _shift_flip(
     theta[:, 1, 2] = shift[:, 1] * 2 / h
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def _crop_flip(
-    x: torch.Tensor, generator: torch.Generator, area: tuple[float, float] = (0.7, 1.0)
-) -> torch.Tensor:
-    """Random crop of ``area`` of the image (aspect 3/4 to 4/3), resized back, and a random flip.
-
-    The weak view of the victims' recipes, drawn from ``generator``; differentiable in ``x``.
-    """
-    n = x.shape[0]
-    a = torch.empty(n).uniform_(*area, generator=generator)
-    ratio = torch.exp(torch.empty(n).uniform_(-0.2877, 0.2877, generator=generator))
-    sx = torch.sqrt(a * ratio).clamp(max=1.0)
-    sy = torch.sqrt(a / ratio).clamp(max=1.0)
-    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sx)
-    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sy)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = sx * flip
-    theta[:, 1, 1] = sy
-    theta[:, 0, 2] = cx
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _distill_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -348,12 +325,13 @@ class SurrogateSource(GradientSource):
                 model.eval()
 
     def _view(self, x: torch.Tensor) -> torch.Tensor:
-        """The random view of ``config.diversity`` (differentiable; ``x`` itself for "none")."""
+        """A random view of ``config.diversity`` (not "none"), differentiable in ``x``.
+
+        "crop_flip" is the victims' own weak view (``victims.augment.WEAK``).
+        """
         kind = self.config.diversity
-        if kind == "none":
-            return x
         if kind == "crop_flip":
-            return _crop_flip(x, self.generator)
+            return crop_flip(x, WEAK, self.generator)
         return _shift_flip(x, self.generator, self.config.input_diversity, flip=kind == "shift_flip")
 
     def _viewed_probs(self, x: torch.Tensor) -> torch.Tensor:
