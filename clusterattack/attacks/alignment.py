@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clusterattack.attacks.config import AttackConfig
-from clusterattack.attacks.losses import attack_objective
+from clusterattack.attacks.losses import config_objective
 
 __all__ = ["gradient_alignment", "victim_input_gradient"]
 
@@ -36,9 +36,7 @@ def victim_input_gradient(
         if not memberships.requires_grad:
             raise TypeError(f"{type(victim).__name__}.predict_proba returned no autograd graph")
         leaf = memberships.detach().requires_grad_(True)
-        loss = attack_objective(
-            clean, leaf, config.attack_loss, config.target_cluster, config.mi_temperature, config.margin_kappa
-        )
+        loss = config_objective(clean, leaf, config)
         (g,) = torch.autograd.grad(loss, leaf)
         (grad,) = torch.autograd.grad((memberships * g).sum(), x)
     return grad.detach(), g.detach()

@@ -192,7 +192,8 @@ class AttackConfig:
     and perturbed assignments over a batch (minimised), which breaks clusterings far more
     at the same eps; "margin" the clean cluster's log-membership lead over the best other
     one, floored at ``-margin_kappa`` (it counts cluster changes only, for victims whose
-    soft memberships let the MI term fall without any). ``target_cluster`` turns on the targeted variant (footnote 9).
+    soft memberships let the MI term fall without any). ``target_cluster`` turns on the
+    targeted variant (footnote 9).
 
     The perturbation is always projected onto the ``norm`` ball of radius ``eps`` and the
     image clamped to [0, 1], so the bound holds whatever the generator outputs;

@@ -18,7 +18,7 @@ from clusterattack.attacks.discriminator import Discriminator
 from clusterattack.attacks.generator import Generator
 from clusterattack.attacks.gradients import GradientSource, make_gradient_source, query_memberships
 from clusterattack.attacks.losses import (
-    attack_objective,
+    config_objective,
     constraint_penalty,
     discriminator_loss,
     generator_gan_loss,
@@ -471,9 +471,7 @@ def _step(
         perturbed = source.memberships(x_adv)
         judged = discriminator(x_adv) if config.alpha_gan > 0 else None
     perturbed = perturbed.float()
-    attack = attack_objective(
-        clean, perturbed, config.attack_loss, config.target_cluster, config.mi_temperature, config.margin_kappa
-    )
+    attack = config_objective(clean, perturbed, config)
     gan = generator_gan_loss(judged.float(), config.gan_loss) if judged is not None else torch.zeros(())
     constraint = constraint_penalty(g, config.norm, config.eps)
     loss_g = config.alpha_gan * gan + config.alpha_a * attack + config.alpha_c * constraint

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.nn import functional as F
 
@@ -9,6 +11,7 @@ from clusterattack.attacks.generator import perturbation_norms
 
 __all__ = [
     "attack_objective",
+    "config_objective",
     "constraint_penalty",
     "discriminator_loss",
     "flip_margin",
@@ -97,14 +100,12 @@ def attack_objective(
             f"clean and perturbed memberships must both be N x K, got {tuple(clean.shape)} "
             f"and {tuple(perturbed.shape)}"
         )
+    k = perturbed.shape[1]
+    if target_cluster is not None and not 0 <= target_cluster < k:
+        raise ValueError(f"target_cluster must lie in 0..{k - 1}, got {target_cluster}")
     if attack_loss == "margin":
-        if target_cluster is not None and not 0 <= target_cluster < perturbed.shape[1]:
-            raise ValueError(f"target_cluster must lie in 0..{perturbed.shape[1] - 1}, got {target_cluster}")
         return flip_margin(clean, perturbed, margin_kappa, target_cluster)
     if target_cluster is not None:
-        k = perturbed.shape[1]
-        if not 0 <= target_cluster < k:
-            raise ValueError(f"target_cluster must lie in 0..{k - 1}, got {target_cluster}")
         if attack_loss == "mutual_info":
             return -torch.log(perturbed[:, target_cluster].clamp_min(_TINY)).mean()
         onehot = torch.zeros_like(perturbed)
@@ -115,6 +116,13 @@ def attack_objective(
     if attack_loss == "mutual_info":
         return soft_mutual_information(clean, sharpen(perturbed, mi_temperature))
     raise ValueError(f"attack_loss must be 'paper', 'mutual_info' or 'margin', got {attack_loss!r}")
+
+
+def config_objective(clean: torch.Tensor, perturbed: torch.Tensor, config: Any) -> torch.Tensor:
+    """``attack_objective`` with the attack-term settings of an ``AttackConfig``."""
+    return attack_objective(
+        clean, perturbed, config.attack_loss, config.target_cluster, config.mi_temperature, config.margin_kappa
+    )
 
 
 def constraint_penalty(g: torch.Tensor, norm: str, eps: float) -> torch.Tensor:

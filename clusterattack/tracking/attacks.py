@@ -37,12 +37,12 @@ def attack_run_name(victim: str, config: Any) -> str:
     """``<victim>-<source>-<norm>-eps<eps>[-...]-s<seed>``: what the attack was, readable in the MLflow UI.
 
     Beyond the gradient source, norm, eps and seed, the name carries the choices that
-    change what a run measured when they differ from the defaults: the paper's attack term,
-    a target cluster, a sharpened mutual-information term, the margin term's floor (``k``), the loss weights (``aa``
-    alpha_a, ``ac`` alpha_c, ``ag`` alpha_gan), the generator's training images (``n``),
-    its learning-rate steps (``lr<milestones>x<gamma>``), the held-out images that pick the
-    epoch kept (``sel``), the surrogate's architecture or ensemble, and the estimator's
-    method, samples and transfer prior. Every parameter is logged with the run anyway; the
+    change what a run measured when they differ from the defaults: the attack term, a
+    target cluster, a sharpened mutual-information term, the margin term's floor (``k``),
+    the loss weights (``aa`` alpha_a, ``ac`` alpha_c, ``ag`` alpha_gan), the generator's
+    training images (``n``), its learning-rate steps (``lr<milestones>x<gamma>``), the
+    held-out images that pick the epoch kept (``sel``), the surrogate's architecture,
+    ensemble and input diversity, and the estimator's method, samples and transfer prior. Every parameter is logged with the run anyway; the
     name is for telling runs apart in a list.
     """
     from clusterattack.attacks.config import AttackConfig, EstimatorConfig, SurrogateConfig
