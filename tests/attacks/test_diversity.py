@@ -76,3 +76,54 @@ def test_more_draws_average_the_views_into_a_steadier_prior(victim, blobs, confi
 
     # Two calls draw different views; averaging 16 of them brings the two gradients closer.
     assert spread(16) > spread(1)
+
+
+def _seen_by_first_member(source):
+    """Inputs the first ensemble member is trained on (fed in training mode), recorded by a hook."""
+    seen: list[torch.Tensor] = []
+
+    def record(module, args):
+        if module.training:
+            seen.append(args[0].detach().clone())
+
+    source.models[0].register_forward_pre_hook(record)
+    return seen
+
+
+@pytest.mark.parametrize("finetune_augment", [False, True])
+def test_fine_tuning_sees_queried_adversarial_images_as_they_are(victim, blobs, config, finetune_augment):
+    # The victim answered for x_adv itself: a shifted x_adv is another point, so by default
+    # neither an online step nor a refresh shifts or flips it (the clean distillation does).
+    train = blobs[0]
+    cfg = config(gradient_source="surrogate", **{
+        "surrogate.finetune_augment": finetune_augment, "surrogate.refresh_rounds": 1,
+        "surrogate.refresh_queries": 16, "surrogate.refresh_epochs": 1, "surrogate.batch_size": 64,
+    })
+    source = make_gradient_source(CountingVictim(victim), cfg)
+    with torch.no_grad():
+        clean = victim.predict_proba(train)
+    source.prepare(train, clean)
+    seen = _seen_by_first_member(source)
+    x_adv = (train[:24] + 0.05).clamp(0, 1)
+    source.memberships(x_adv)
+    seen.clear()
+    source.after_step()
+    (online,) = seen
+    assert online.shape[0] == 48  # the 24 queried points and as many clean ones
+    assert torch.equal(online[:24], x_adv) is not finetune_augment
+
+    seen.clear()
+    perturbed = []
+
+    def perturb(images):
+        out = (images + 0.05).clamp(0, 1)
+        perturbed.append(out)
+        return out
+
+    source.end_of_epoch(source.schedule[0], perturb, train)
+    fed = torch.cat(seen)
+    (refreshed,) = perturbed
+    # Every refreshed adversarial image reaches the member unchanged unless augmented.
+    rows = fed.flatten(1)
+    found = [bool((rows == r.flatten()).all(1).any()) for r in refreshed]
+    assert all(found) is not finetune_augment

@@ -309,7 +309,7 @@ class SurrogateSource(GradientSource):
         pick = torch.randint(0, self._pool_x[0].shape[0], (x_new.shape[0],), generator=self.generator)
         x = torch.cat([x_new.detach().cpu(), self._pool_x[0][pick]])
         y = torch.cat([y_new.detach().cpu(), self._pool_y[0][pick]])
-        if self.config.augment:
+        if self.config.finetune_augment:
             x = _shift_flip(x, self.generator)
         x, y = x.to(self.device), y.to(self.device)
         # Also called from inside an autograd backward pass, where grad mode is off.
@@ -378,7 +378,7 @@ class SurrogateSource(GradientSource):
         pick = torch.randint(0, self._pool_x[0].shape[0], (adv_x.shape[0],), generator=self.generator)
         fx = torch.cat([adv_x, self._pool_x[0][pick]])
         fy = torch.cat([adv_y, self._pool_y[0][pick]])
-        tune = dataclasses.replace(self.config, lr=self.config.lr * 0.5)
+        tune = dataclasses.replace(self.config, lr=self.config.lr * 0.5, augment=self.config.finetune_augment)
         for model in self.models:
             distill(
                 model, fx, fy, self.config.refresh_epochs, tune, self.generator, self.device,
