@@ -75,6 +75,8 @@ def attack_run_name(victim: str, config: Any) -> str:
         if sur.diversity != SurrogateConfig.diversity:
             draws = f"x{sur.diversity_draws}" if sur.diversity_draws != SurrogateConfig.diversity_draws else ""
             parts.append(sur.diversity.replace("_", "") + draws)
+        if sur.augment != SurrogateConfig.augment:
+            parts.append("aug" if sur.augment else "noaug")
         if sur.finetune_augment:
             parts.append("ftaug")
     if config.gradient_source == "estimate":
