@@ -17,6 +17,7 @@ from clusterattack.tracking.store import (
     log_dict,
     log_metrics,
     log_params,
+    source_tags,
     start_run,
     ui_command,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "log_victim",
     "model_uri",
     "registered_name",
+    "source_tags",
     "start_run",
     "ui_command",
 ]

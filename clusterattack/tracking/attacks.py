@@ -16,6 +16,7 @@ from clusterattack.tracking.store import (
     ensure_experiment,
     log_metrics,
     log_params,
+    source_tags,
 )
 
 __all__ = [
@@ -155,6 +156,7 @@ class LiveAttackRun:
             "attack_loss": config.attack_loss,
             "seed": str(config.seed),
             "black_box": str(config.black_box),
+            **source_tags(),
         }
         run = mlflow.start_run(experiment_id=ensure_experiment(self.experiment), run_name=self.name, tags=tags)
         log_params({"victim": self.victim, "dataset": self.dataset, **config.flat()})

@@ -35,7 +35,7 @@ from clusterattack.tracking.analyses import (
     TAG_DATASET,
     registered_generator_info,
 )
-from clusterattack.tracking.store import configure, ensure_experiment
+from clusterattack.tracking.store import configure, ensure_experiment, source_tags
 from clusterattack.tracking.sweeps import PARENT_TAG, SWEEP_EXPERIMENT, TRIAL_TAG
 
 __all__ = [
@@ -359,6 +359,7 @@ def log_report(folder: str | Path, data: ReportData, tracking_uri: str | None = 
     uri = configure(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
     tags = {
+        **source_tags(),
         "dataset": data.dataset or "",
         "mlflow.note.content": "HTML report; open report/index.html",
     }

@@ -8,10 +8,13 @@ overrides the artifact folder). ``UI_COMMAND`` opens the MLflow UI on that store
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import math
 import os
+import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -141,6 +144,41 @@ def log_dict(values: Mapping[str, Any], artifact_file: str) -> None:
     mlflow.log_dict(dict(values), artifact_file)
 
 
+SOURCE_COMMIT_TAG = "clusterattack.git_commit"
+SOURCE_DIRTY_TAG = "clusterattack.git_dirty"
+SOURCE_DIFF_TAG = "clusterattack.git_diff"
+_SOURCE_DIR = Path(__file__).resolve().parents[2]
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(_SOURCE_DIR), *args], capture_output=True, text=True, check=True, timeout=20
+    ).stdout
+
+
+@functools.lru_cache(maxsize=1)
+def source_tags() -> dict[str, str]:
+    """Which code made a run: the commit of the checkout this package runs from and whether
+    tracked files differed from it (MLflow's own ``mlflow.source.git.commit`` says nothing of
+    uncommitted changes, and the client API used for sweeps sets no commit at all).
+
+    With changes, ``clusterattack.git_diff`` is the first 12 hex digits of the SHA-256 of
+    ``git diff HEAD``, so runs made from the same uncommitted tree can be told apart from
+    others. Empty when the package is not in a git checkout (an installed wheel, a Ray job's
+    uploaded working directory without ``.git``) or git is missing. Read once per process:
+    the code a process runs is the code it imported.
+    """
+    try:
+        commit = _git("rev-parse", "HEAD").strip()
+        diff = _git("diff", "HEAD", "--no-ext-diff", "--binary")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    tags = {SOURCE_COMMIT_TAG: commit, SOURCE_DIRTY_TAG: "true" if diff else "false"}
+    if diff:
+        tags[SOURCE_DIFF_TAG] = hashlib.sha256(diff.encode()).hexdigest()[:12]
+    return tags
+
+
 @contextlib.contextmanager
 def start_run(
     experiment: str,
@@ -148,10 +186,11 @@ def start_run(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run in ``experiment`` (created if needed) with params and tags logged up front."""
+    """An MLflow run in ``experiment`` (created if needed) with params and tags logged up front
+    (and the :func:`source_tags` of the code that made it)."""
     experiment_id = ensure_experiment(experiment)
     with mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {})
+        experiment_id=experiment_id, run_name=run_name, tags={**source_tags(), **(tags or {})}
     ) as run:
         if params:
             log_params(params)

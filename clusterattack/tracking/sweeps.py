@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from clusterattack.tracking.store import configure, ensure_experiment, flatten
+from clusterattack.tracking.store import configure, ensure_experiment, flatten, source_tags
 
 __all__ = [
     "PARENT_TAG",
@@ -128,7 +128,7 @@ class SweepRecorder:
                 ) from err
             self.set_tags(run_id, {**tags, "resumed": "true"})
             return run_id
-        run = self.client.create_run(self.experiment_id, tags=dict(tags), run_name=run_name)
+        run = self.client.create_run(self.experiment_id, tags={**source_tags(), **tags}, run_name=run_name)
         self.log_params(run.info.run_id, params)
         log.info("sweep %s: parent run %s in experiment %r", run_name, run.info.run_id, self.experiment)
         return run.info.run_id
@@ -147,7 +147,7 @@ class SweepRecorder:
             if found.info.status != "RUNNING":
                 self.client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
-        all_tags = {**tags, PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id}
+        all_tags = {**source_tags(), **tags, PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id}
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
         self.log_params(run.info.run_id, params)
         return run.info.run_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,44 @@ def test_default_store_is_local_sqlite_under_mlruns(tmp_path, monkeypatch):
     assert tracking.ui_command(uri, port=5055).endswith(f"--backend-store-uri {uri} --port 5055")
 
 
+def _git(cwd, *args):
+    subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True)
+
+
+def test_source_tags_say_which_commit_and_whether_the_tree_differed(tmp_path, monkeypatch):
+    from clusterattack.tracking import store
+
+    repo = tmp_path / "checkout"
+    (repo / "pkg").mkdir(parents=True)
+    _git(repo, "init", "-q")
+    (repo / "pkg" / "code.py").write_text("x = 1\n")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    monkeypatch.setattr(store, "_SOURCE_DIR", repo)
+
+    def tags():
+        store.source_tags.cache_clear()
+        return store.source_tags()
+
+    try:
+        assert tags() == {store.SOURCE_COMMIT_TAG: head, store.SOURCE_DIRTY_TAG: "false"}
+        (repo / "untracked.txt").write_text("not code the run imported\n")
+        assert tags()[store.SOURCE_DIRTY_TAG] == "false"
+        (repo / "pkg" / "code.py").write_text("x = 2\n")
+        dirty = tags()
+        assert dirty[store.SOURCE_COMMIT_TAG] == head and dirty[store.SOURCE_DIRTY_TAG] == "true"
+        assert len(dirty[store.SOURCE_DIFF_TAG]) == 12
+        (repo / "pkg" / "code.py").write_text("x = 3\n")
+        assert tags()[store.SOURCE_DIFF_TAG] != dirty[store.SOURCE_DIFF_TAG]
+        monkeypatch.setattr(store, "_SOURCE_DIR", tmp_path / "no-checkout")
+        assert tags() == {}
+    finally:
+        store.source_tags.cache_clear()
+
+
 def test_flatten_params_uses_dotted_keys():
     assert tracking.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {
         "a.b": 1,
@@ -44,7 +83,8 @@ def test_every_victim_round_trips_through_the_mlflow_registry(tiny, tiny_data, m
     # One store for all six: creating the sqlite schema is most of the cost of a store.
     x = tiny_data.batch(torch.arange(6), torch.device("cpu"), test=True)
     expected = {}
-    with tracking.start_run("victims-test", run_name="roundtrip", params={"config": {"k": 3}}):
+    with tracking.start_run("victims-test", run_name="roundtrip", params={"config": {"k": 3}}) as run:
+        run_id = run.info.run_id
         tracking.log_metrics({"nmi": 0.5, "note": "not a number"}, step=1)
         for name in sorted(VICTIMS):
             model = tiny.model(name, seed=2).eval()
@@ -63,6 +103,10 @@ def test_every_victim_round_trips_through_the_mlflow_registry(tiny, tiny_data, m
             loaded = load_victim(source)
             assert loaded.name == name and not loaded.training
             torch.testing.assert_close(loaded.predict_proba(x), expected[name])
+    # Every run says which code made it (this test runs from a git checkout, as CI does).
+    run_tags = tracking.client().get_run(run_id).data.tags
+    assert run_tags["clusterattack.git_commit"] == tracking.source_tags()["clusterattack.git_commit"]
+    assert run_tags["clusterattack.git_dirty"] in ("true", "false")
     artifacts = Path(tracking.artifact_root(mlflow_uri).removeprefix("file://"))
     assert artifacts.is_dir() and any(artifacts.rglob("victim_config.json"))
     assert [v["name"] for v in tracking.list_victims()] == [
