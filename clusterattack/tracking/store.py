@@ -8,7 +8,6 @@ overrides the artifact folder). ``UI_COMMAND`` opens the MLflow UI on that store
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -147,36 +146,45 @@ def log_dict(values: Mapping[str, Any], artifact_file: str) -> None:
 SOURCE_COMMIT_TAG = "clusterattack.git_commit"
 SOURCE_DIRTY_TAG = "clusterattack.git_dirty"
 SOURCE_DIFF_TAG = "clusterattack.git_diff"
-_SOURCE_DIR = Path(__file__).resolve().parents[2]
+# Text that cannot change what a run computes: a README edit does not make a run dirty.
+_NOT_CODE = (":(exclude)*.md", ":(exclude)docs")
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(_SOURCE_DIR), *args], capture_output=True, text=True, check=True, timeout=20
-    ).stdout
-
-
-@functools.lru_cache(maxsize=1)
-def source_tags() -> dict[str, str]:
-    """Which code made a run: the commit of the checkout this package runs from and whether
-    tracked files differed from it (MLflow's own ``mlflow.source.git.commit`` says nothing of
-    uncommitted changes, and the client API used for sweeps sets no commit at all).
+def read_source_tags(directory: str | Path) -> dict[str, str]:
+    """The commit of the git checkout at ``directory`` and whether its tracked files, past
+    documentation (``*.md``, ``docs/``), differ from it.
 
     With changes, ``clusterattack.git_diff`` is the first 12 hex digits of the SHA-256 of
-    ``git diff HEAD``, so runs made from the same uncommitted tree can be told apart from
-    others. Empty when the package is not in a git checkout (an installed wheel, a Ray job's
-    uploaded working directory without ``.git``) or git is missing. Read once per process:
-    the code a process runs is the code it imported.
+    that ``git diff HEAD``, so runs made from the same uncommitted tree can be told apart from
+    others. Empty when ``directory`` is not in a git checkout (an installed wheel, a Ray job's
+    uploaded working directory without ``.git``) or git is missing.
     """
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(directory), *args], capture_output=True, text=True, check=True, timeout=20
+        ).stdout
+
     try:
-        commit = _git("rev-parse", "HEAD").strip()
-        diff = _git("diff", "HEAD", "--no-ext-diff", "--binary")
+        commit = git("rev-parse", "HEAD").strip()
+        diff = git("diff", "HEAD", "--no-ext-diff", "--binary", "--", ".", *_NOT_CODE)
     except (OSError, subprocess.SubprocessError):
         return {}
     tags = {SOURCE_COMMIT_TAG: commit, SOURCE_DIRTY_TAG: "true" if diff else "false"}
     if diff:
         tags[SOURCE_DIFF_TAG] = hashlib.sha256(diff.encode()).hexdigest()[:12]
     return tags
+
+
+# Read when this module is imported: the code a process runs is the code it imported, whatever
+# the checkout holds by the time a run starts. MLflow's own ``mlflow.source.git.commit`` says
+# nothing of uncommitted changes, and the client API used for sweeps and reports sets none.
+_SOURCE_TAGS = read_source_tags(Path(__file__).resolve().parents[2])
+
+
+def source_tags() -> dict[str, str]:
+    """Which code made a run (:func:`read_source_tags` of this package's checkout, read at import)."""
+    return dict(_SOURCE_TAGS)
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ def _git(cwd, *args):
     subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True)
 
 
-def test_source_tags_say_which_commit_and_whether_the_tree_differed(tmp_path, monkeypatch):
+def test_source_tags_say_which_commit_and_whether_the_code_differed(tmp_path):
     from clusterattack.tracking import store
 
     repo = tmp_path / "checkout"
@@ -48,26 +48,24 @@ def test_source_tags_say_which_commit_and_whether_the_tree_differed(tmp_path, mo
     head = subprocess.run(
         ["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
     ).stdout.strip()
-    monkeypatch.setattr(store, "_SOURCE_DIR", repo)
 
     def tags():
-        store.source_tags.cache_clear()
-        return store.source_tags()
+        return store.read_source_tags(repo)
 
-    try:
-        assert tags() == {store.SOURCE_COMMIT_TAG: head, store.SOURCE_DIRTY_TAG: "false"}
-        (repo / "untracked.txt").write_text("not code the run imported\n")
-        assert tags()[store.SOURCE_DIRTY_TAG] == "false"
-        (repo / "pkg" / "code.py").write_text("x = 2\n")
-        dirty = tags()
-        assert dirty[store.SOURCE_COMMIT_TAG] == head and dirty[store.SOURCE_DIRTY_TAG] == "true"
-        assert len(dirty[store.SOURCE_DIFF_TAG]) == 12
-        (repo / "pkg" / "code.py").write_text("x = 3\n")
-        assert tags()[store.SOURCE_DIFF_TAG] != dirty[store.SOURCE_DIFF_TAG]
-        monkeypatch.setattr(store, "_SOURCE_DIR", tmp_path / "no-checkout")
-        assert tags() == {}
-    finally:
-        store.source_tags.cache_clear()
+    assert tags() == {store.SOURCE_COMMIT_TAG: head, store.SOURCE_DIRTY_TAG: "false"}
+    (repo / "untracked.txt").write_text("not code the run imported\n")
+    (repo / "README.md").write_text("documentation changes nothing a run computes\n")
+    _git(repo, "add", "README.md")
+    assert tags()[store.SOURCE_DIRTY_TAG] == "false"
+    (repo / "pkg" / "code.py").write_text("x = 2\n")
+    dirty = tags()
+    assert dirty[store.SOURCE_COMMIT_TAG] == head and dirty[store.SOURCE_DIRTY_TAG] == "true"
+    assert len(dirty[store.SOURCE_DIFF_TAG]) == 12
+    (repo / "pkg" / "code.py").write_text("x = 3\n")
+    assert tags()[store.SOURCE_DIFF_TAG] != dirty[store.SOURCE_DIFF_TAG]
+    assert store.read_source_tags(tmp_path / "no-checkout") == {}
+    # What a run records is what was read when the package was imported.
+    assert tracking.source_tags() == store._SOURCE_TAGS and tracking.source_tags() is not store._SOURCE_TAGS
 
 
 def test_flatten_params_uses_dotted_keys():
