@@ -32,6 +32,23 @@ def victim_file(tmp_path) -> Path:
     return save_victim(model.eval(), tmp_path / "cc-digits.pt")
 
 
+def test_recipe_sets_the_readme_black_box_settings_and_flags_override_it():
+    job = _job()
+    base = ["--victim", "v.pt", "--dataset", "digits"]
+    default = job.build_config(job.parse_args(base))
+    strong = job.build_config(job.parse_args([*base, "--recipe", "strong"]))
+    assert (default.surrogate.arch, default.surrogate.ensemble, default.estimator.prior) == ("small", 1, "none")
+    assert strong.epochs == 8 and strong.surrogate.refresh_rounds == 7
+    assert (strong.surrogate.arch, strong.surrogate.ensemble, strong.surrogate.backbones) == ("pretext", 2, "distinct")
+    assert (strong.estimator.prior, strong.estimator.samples) == ("surrogate", 1)
+    mine = job.build_config(
+        job.parse_args([*base, "--recipe", "strong", "--epochs", "3", "--set", "surrogate.ensemble=3"])
+    )
+    assert mine.epochs == 3 and mine.surrogate.ensemble == 3 and mine.surrogate.arch == "pretext"
+    with pytest.raises(SystemExit):
+        job.parse_args([*base, "--recipe", "strongest"])
+
+
 @pytest.mark.slow
 def test_job_runs_one_attack_and_records_it(victim_file, tmp_path, mlflow_uri, capsys):
     out = tmp_path / "out"
