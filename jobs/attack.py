@@ -169,7 +169,7 @@ def read_checkpoint(args: argparse.Namespace, config: AttackConfig) -> dict[str,
     path = Path(args.out) / CHECKPOINT
     if not path.is_file():
         raise ValueError(f"nothing to resume: no {path} (it is removed once an attack ends)")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
     saved = {**blob["config"], "victim": blob["victim"], "dataset": blob["dataset"]}
     now = {**config.flat(), "victim": args.victim, "dataset": args.dataset}
     differ = sorted(k for k in saved.keys() | now.keys() if k != "device" and saved.get(k) != now.get(k))

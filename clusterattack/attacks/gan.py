@@ -246,8 +246,11 @@ def train_generator(
     generator, discriminator and optimiser states, RNG, history, query counts so far, the
     cached clean memberships; live tensors, so save or copy them before returning) and is
     what ``resume`` takes back: training then continues at the next epoch without
-    querying the clean memberships again. The gradient source is prepared afresh from
-    them (a surrogate is re-distilled; its refresh pool is not kept).
+    querying the clean memberships again. The state also holds the gradient source's own
+    (``GradientSource.state_dict``: a surrogate's fine-tuned ensemble, optimisers, RNG and
+    every point queried for it), so a resumed surrogate or estimate run goes on exactly as
+    the uninterrupted one; a state saved without it (older checkpoints) re-distils the
+    surrogate from the cached memberships instead.
     """
     from tqdm.auto import tqdm
 
@@ -308,7 +311,16 @@ def train_generator(
         if held is not None and held_clean is None:
             held_clean = query_memberships(victim, held, config.query_batch).argmax(1)
         _warn_if_soft(clean, config)
-        source.prepare(pool, clean, progress=progress)
+        source_state = None if resume is None else resume.get("source")
+        if source_state:
+            source.resume(pool, clean, source_state, progress=progress)
+        else:
+            if resume is not None and "source" not in resume:
+                log.warning(
+                    "the resume state predates gradient-source states: the %s source is prepared afresh",
+                    source.name,
+                )
+            source.prepare(pool, clean, progress=progress)
         train_x, train_m = pool[:n_train], clean[:n_train]
         for epoch in range(first_epoch, config.epochs + 1):
             for opt in (opt_g, opt_d):
@@ -364,6 +376,7 @@ def train_generator(
                     "clean": clean,
                     "held_clean": held_clean,
                     "selection": best,
+                    "source": source.state_dict(),
                 }
                 if on_epoch_end(result, state) and not converged_stop:
                     result.stopped = STOP_CALLER

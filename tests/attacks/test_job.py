@@ -153,6 +153,40 @@ def test_an_interrupted_attack_keeps_its_epochs_and_resumes_in_its_run(
 
 
 @pytest.mark.slow
+def test_a_surrogate_attack_resumed_from_its_checkpoint_file_is_the_uninterrupted_attack(
+    victim_file, tmp_path, monkeypatch
+):
+    def flags(out):
+        return [
+            "--victim", str(victim_file), "--dataset", "digits", "--gradient-source", "surrogate",
+            "--epochs", "3", "--train-limit", "128", "--seed", "2", "--quiet", "--out", str(out),
+            "--threads", "1", "--no-mlflow", "--set", "generator_width=4",
+            "--set", "surrogate.refresh_queries=64", "--set", "surrogate.distill_epochs=2",
+            "--set", "surrogate.distill_queries=128",
+        ]  # fmt: skip
+
+    assert _job().main(flags(tmp_path / "whole")) == 0
+    job = _job()
+    # Clean memberships (128), epoch 1's online queries (128) and its refresh round (64),
+    # then the server goes away at the first query of epoch 2.
+    monkeypatch.setattr(job, "CountingVictim", lambda model, budget=None: _DiesAfter(model, 128 + 128 + 64))
+    with pytest.raises(ConnectionError):
+        job.main(flags(tmp_path / "cut"))
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert saved["state"]["epoch"] == 1 and len(saved["state"]["source"]["refresh"]) == 1
+    monkeypatch.undo()
+    assert _job().main([*flags(tmp_path / "cut"), "--resume"]) == 0
+
+    whole, cut = (json.loads((tmp_path / d / "record.json").read_text()) for d in ("whole", "cut"))
+    assert cut["image_queries"] == whole["image_queries"]
+    for key in ("epochs_run", "calls", "changed_fraction", "l2_mean", "linf_max", "cluster_sizes_post"):
+        assert cut[key] == whole[key], key
+    a, b = (load_generator(tmp_path / d / "generator.pt")[0] for d in ("whole", "cut"))
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.slow
 def test_a_resumed_attack_keeps_to_the_budget_it_started_with(victim_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     per_epoch = 128 * 3

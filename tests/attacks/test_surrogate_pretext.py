@@ -93,3 +93,25 @@ def test_an_ensemble_shares_one_attacker_backbone_or_trains_one_per_member(
     assert differ is (backbones == "distinct")
     described = source.describe()
     assert ("surrogate.pretext_seeds" in described) is (backbones == "distinct")
+
+
+def test_a_resumed_pretext_surrogate_needs_neither_the_attacker_pretext_nor_its_cache(
+    victim, blobs, config, attacker_cache
+):
+    import copy
+    import shutil
+
+    torch.set_num_threads(1)
+    cfg = config(gradient_source="surrogate", **{"surrogate.arch": "pretext", "surrogate.pretext_epochs": 1})
+    states = {}
+    full = train_generator(
+        CountingVictim(victim), blobs[0], cfg, progress=False,
+        on_epoch_end=lambda r, s: states.__setitem__(s["epoch"], copy.deepcopy(s)),
+    )  # fmt: skip
+    # A preempted job restarted on another node: no attacker backbone cached there.
+    shutil.rmtree(attacker_cache)
+    resumed = train_generator(CountingVictim(victim), blobs[0], cfg, progress=False, resume=states[1])
+    assert not attacker_cache.exists()  # nothing trained, nothing cached
+    assert resumed.history == full.history
+    for a, b in zip(full.generator.parameters(), resumed.generator.parameters(), strict=True):
+        assert torch.equal(a, b)

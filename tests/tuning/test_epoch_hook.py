@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -110,3 +111,85 @@ def test_an_offline_surrogate_resumes_without_a_single_query():
     again = CountingVictim(victim)
     rest = train_generator(again, _images(), config, progress=False, resume=states[1])
     assert rest.epochs_run == 3 and again.image_queries == 0 and rest.image_queries == 192
+
+
+def _stateful(**changes) -> AttackConfig:
+    """Surrogate settings that give the source state worth keeping: online fine-tuning, refresh
+    rounds after epochs 1 and 2, and queried noise points in the clean pool."""
+    settings = {"surrogate.refresh_rounds": 2, "surrogate.refresh_queries": 64, "surrogate.refresh_epochs": 1,
+                "surrogate.noise_queries": 32, "surrogate.ensemble": 2}  # fmt: skip
+    return _config(**{**settings, **changes})
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"gradient_source": "surrogate"},
+        {"gradient_source": "estimate", "estimator.prior": "surrogate", "estimator.samples": 1},
+    ],
+    ids=["surrogate", "estimate-with-surrogate-prior"],
+)
+def test_a_resumed_black_box_run_goes_on_exactly_as_the_uninterrupted_one(changes):
+    torch.set_num_threads(1)
+    victim = Linear().eval()
+    config = _stateful(**changes)
+    states = {}
+
+    def keep(result, state):
+        states[state["epoch"]] = copy.deepcopy(state)
+
+    full_victim = CountingVictim(victim)
+    full = train_generator(full_victim, _images(), config, progress=False, on_epoch_end=keep)
+    saved = states[2]["source"]
+    surrogate = changes["gradient_source"] == "surrogate"
+    prior = saved if surrogate else saved["prior"]
+    # Both refresh rounds' queried points (the estimate mode's prior learns from the
+    # finite-difference answers at each step instead, and has no rounds).
+    assert len(prior["models"]) == 2 and len(prior["refresh"]) == (2 if surrogate else 0)
+    assert prior["noise"][0].shape == (32, 1, 8, 8)
+
+    again = CountingVictim(victim)
+    resumed = train_generator(again, _images(), config, progress=False, resume=states[2])
+    # The fine-tuned ensemble, its optimisers, its RNG and its pool came back: epoch 3 is
+    # the uninterrupted epoch 3, and nothing asked before epoch 3 is asked again.
+    assert resumed.history == full.history
+    assert torch.equal(_weights(resumed), _weights(full))
+    assert resumed.image_queries == full.image_queries
+    assert again.image_queries == full.image_queries - states[2]["counts"][0]
+
+
+def test_a_state_without_the_source_falls_back_to_distilling_again(caplog):
+    torch.set_num_threads(1)
+    victim = Linear().eval()
+    config = _stateful(gradient_source="surrogate")
+    states = {}
+    full = train_generator(
+        CountingVictim(victim), _images(), config, progress=False,
+        on_epoch_end=lambda r, s: states.__setitem__(s["epoch"], copy.deepcopy(s)),
+    )  # fmt: skip
+    old = {k: v for k, v in states[2].items() if k != "source"}  # a checkpoint from before
+    with caplog.at_level("WARNING"):
+        resumed = train_generator(CountingVictim(victim), _images(), config, progress=False, resume=old)
+    assert "predates gradient-source states" in caplog.text
+    assert resumed.epochs_run == 3 and resumed.history[:2] == full.history[:2]
+    assert not torch.equal(_weights(resumed), _weights(full))  # a fresh surrogate: not the same run
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"surrogate.ensemble": 1}, "1 member"),
+        ({"surrogate.arch": "convnet"}, "arch 'convnet'"),
+        ({"surrogate.distill_queries": 100}, "on 100"),
+    ],
+)
+def test_a_surrogate_state_from_another_config_is_refused(changes, match):
+    victim = Linear().eval()
+    states = {}
+    train_generator(
+        CountingVictim(victim), _images(), _stateful(gradient_source="surrogate", epochs=1), progress=False,
+        on_epoch_end=lambda r, s: states.__setitem__(s["epoch"], copy.deepcopy(s)),
+    )  # fmt: skip
+    other = _stateful(gradient_source="surrogate", **changes)
+    with pytest.raises(ValueError, match=match):
+        train_generator(CountingVictim(victim), _images(), other, progress=False, resume=states[1])

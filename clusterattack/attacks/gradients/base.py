@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -69,6 +69,22 @@ class GradientSource(abc.ABC):
     ) -> None:
         """Called once before training with the training images and their cached M_i."""
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What ``resume`` needs to go on exactly where this source stands after an epoch
+        (empty when the source keeps nothing between steps)."""
+        return {}
+
+    def resume(
+        self,
+        images: torch.Tensor,
+        clean_memberships: torch.Tensor,
+        state: Mapping[str, Any],
+        progress: bool = False,
+    ) -> None:
+        """Called instead of ``prepare`` when a run resumes, with the ``state_dict()`` saved
+        at the end of its last epoch; a source that keeps no state prepares afresh."""
+        self.prepare(images, clean_memberships, progress)
 
     @abc.abstractmethod
     def memberships(self, x_adv: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ images leaves 16 times fewer unknowns per query.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -170,6 +172,28 @@ class EstimateSource(GradientSource):
     def prepare(self, images: torch.Tensor, clean_memberships: torch.Tensor, progress: bool = False) -> None:
         if self.prior is not None:
             self.prior.prepare(images, clean_memberships, progress)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The direction RNG and the prior surrogate's state."""
+        return {
+            "name": self.name,
+            "rng": self.generator.get_state(),
+            "prior": {} if self.prior is None else self.prior.state_dict(),
+        }
+
+    def resume(
+        self,
+        images: torch.Tensor,
+        clean_memberships: torch.Tensor,
+        state: Mapping[str, Any],
+        progress: bool = False,
+    ) -> None:
+        if state and state.get("name") != self.name:
+            raise ValueError(f"the saved state is of gradient source {state.get('name')!r}, not {self.name!r}")
+        if state:
+            self.generator.set_state(state["rng"])
+        if self.prior is not None:
+            self.prior.resume(images, clean_memberships, state.get("prior") or {}, progress)
 
     def memberships(self, x_adv: torch.Tensor) -> torch.Tensor:
         return estimated_memberships(x_adv, self)

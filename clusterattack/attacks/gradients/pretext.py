@@ -24,7 +24,7 @@ from clusterattack.victims.backbones import Backbone, BackboneConfig, backbone_f
 from clusterattack.victims.pretext import PretextRecipe, pretext_backbone
 from clusterattack.victims.training import DEFAULT_CACHE_DIR, TrainContext, TrainData
 
-__all__ = ["PretextSurrogate", "attacker_backbone", "attacker_cache_dir"]
+__all__ = ["PretextSurrogate", "attacker_backbone", "attacker_cache_dir", "pretext_surrogate_shell"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,14 @@ class PretextSurrogate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+def pretext_surrogate_shell(input_shape: tuple[int, int, int], num_clusters: int) -> PretextSurrogate:
+    """A ``PretextSurrogate`` of the architecture ``attacker_backbone`` gives for this input
+    shape, with untrained weights: the frame a saved surrogate's state dict is loaded into,
+    so a resumed attack does not need the attacker pretext (or its cache) again."""
+    config = backbone_for("demo", tuple(int(v) for v in input_shape))
+    return PretextSurrogate(config, Backbone(config).state_dict(), num_clusters)
 
 
 def _no_evaluation(*_args) -> dict[str, float]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from clusterattack.attacks.gradients.pretext import (
     PretextSurrogate,
     attacker_backbone,
     attacker_cache_dir,
+    pretext_surrogate_shell,
 )
 from clusterattack.precision import autocast
 from clusterattack.victims.augment import WEAK, crop_flip
@@ -202,6 +204,7 @@ class SurrogateSource(GradientSource):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._agree_sum, self._agree_count = 0.0, 0
         self._seed = seed
+        self._distilled = 0  # training images at the head of the clean pool
         # Distinct from any seed a victim is trained with in this project (0, 1, ...).
         self.pretext_seed = seed + 7919
 
@@ -231,6 +234,7 @@ class SurrogateSource(GradientSource):
             xs = torch.cat([xs, noisy])
             ys = torch.cat([ys, query_memberships(self.victim, noisy, self.query_batch)])
         self._pool_x, self._pool_y = [xs], [ys]
+        self._distilled = n
         shape = tuple(images.shape[1:])
         k = clean_memberships.shape[1]
         bar = tqdm(
@@ -262,6 +266,69 @@ class SurrogateSource(GradientSource):
             self._optimizers.append(torch.optim.Adam(model.parameters(), lr=self.config.lr * 0.25))
             log.info("surrogate %d distilled on %d points, loss %.4f", member, xs.shape[0], loss)
         bar.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ensemble as fine-tuned so far, its optimisers, its RNG and every point it queried
+        beyond the cached clean memberships (noise points, refresh rounds): what ``resume``
+        needs to go on as if never stopped. Live tensors, as ``train_generator``'s epoch state.
+        """
+        if not self.models:
+            return {}
+        n = self._distilled
+        return {
+            "name": self.name,
+            "arch": self.config.arch,
+            "distilled": n,
+            "models": [model.state_dict() for model in self.models],
+            "optimizers": [opt.state_dict() for opt in self._optimizers],
+            "rng": self.generator.get_state(),
+            "noise": (self._pool_x[0][n:], self._pool_y[0][n:]),
+            "refresh": list(zip(self._pool_x[1:], self._pool_y[1:], strict=True)),
+        }
+
+    def resume(
+        self,
+        images: torch.Tensor,
+        clean_memberships: torch.Tensor,
+        state: Mapping[str, Any],
+        progress: bool = False,
+    ) -> None:
+        """Take back a ``state_dict()`` in place of ``prepare``: no distillation, no query, no
+        attacker pretext (the weights come with the state)."""
+        if not state:
+            self.prepare(images, clean_memberships, progress)
+            return
+        n = min(self.config.distill_queries, images.shape[0])
+        members = len(state.get("models", ()))
+        saved = (state.get("name"), state.get("arch"), members, state.get("distilled"))
+        if saved != (self.name, self.config.arch, self.config.ensemble, n):
+            raise ValueError(
+                f"the saved surrogate state ({saved[0]!r}, arch {saved[1]!r}, {members} member(s) "
+                f"distilled on {saved[3]} images) does not fit this run (arch {self.config.arch!r}, "
+                f"{self.config.ensemble} member(s) on {n}): it was made with another config or data set"
+            )
+        noise_x, noise_y = state["noise"]
+        self._pool_x = [torch.cat([images[:n], noise_x]), *(x for x, _ in state["refresh"])]
+        self._pool_y = [torch.cat([clean_memberships[:n], noise_y]), *(y for _, y in state["refresh"])]
+        self._distilled = n
+        shape, k = tuple(int(v) for v in images.shape[1:]), clean_memberships.shape[1]
+        self.models, self._optimizers = [], []
+        for weights, opt_state in zip(state["models"], state["optimizers"], strict=True):
+            if self.config.arch == "pretext":
+                model: nn.Module = pretext_surrogate_shell(shape, k)
+            else:
+                model = SurrogateNet(shape, k, self.config.width, self.config.arch)
+            model.load_state_dict(weights)
+            model.to(self.device).eval()
+            opt = torch.optim.Adam(model.parameters(), lr=self.config.lr * 0.25)
+            opt.load_state_dict(opt_state)
+            self.models.append(model)
+            self._optimizers.append(opt)
+        self.generator.set_state(state["rng"])
+        log.info(
+            "surrogate resumed: %d member(s), %d refresh round(s) of queried points kept",
+            len(self.models), len(self._pool_x) - 1,
+        )
 
     def _agreement(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Argmax agreement of the ensemble with the victim's memberships ``y`` of ``x``."""
