@@ -27,7 +27,7 @@ import torch
 from clusterattack.attacks.config import AttackConfig
 from clusterattack.attacks.evaluate import evaluate_attack
 from clusterattack.attacks.gan import AttackResult, perturb_images, train_generator
-from clusterattack.attacks.gradients import query_memberships
+from clusterattack.attacks.gradients import query_memberships, without_queried_points
 from clusterattack.attacks.io import save_generator
 
 __all__ = [
@@ -177,7 +177,10 @@ def attack_trainable(config: dict[str, Any], context: TrialContext) -> None:
         }
         with tempfile.TemporaryDirectory(prefix="ca-trial-") as folder:
             if state is not None:
-                torch.save({**state, "restarts": restarts}, os.path.join(folder, STATE_FILE))
+                # The surrogate's weights travel; the points it queried (up to every refresh
+                # round's adversarial images) would make each epoch's checkpoint that large.
+                source = without_queried_points(state.get("source"))
+                torch.save({**state, "source": source, "restarts": restarts}, os.path.join(folder, STATE_FILE))
             save_generator(
                 result.generator, attack, Path(folder) / GENERATOR_FILE,
                 extra={**extra, "epoch": epoch, "evaluation": scores},

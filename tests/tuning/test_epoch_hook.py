@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from clusterattack.attacks import AttackConfig, CountingVictim, SurrogateConfig, train_generator
+from clusterattack.attacks.gan import training_split
+from clusterattack.attacks.gradients import make_gradient_source
 
 
 class Linear(nn.Module):
@@ -193,3 +195,37 @@ def test_a_surrogate_state_from_another_config_is_refused(changes, match):
     other = _stateful(gradient_source="surrogate", **changes)
     with pytest.raises(ValueError, match=match):
         train_generator(CountingVictim(victim), _images(), other, progress=False, resume=states[1])
+
+
+def test_a_state_without_its_queried_points_resumes_the_fine_tuned_surrogate():
+    """What a Tune trial checkpoints: the ensemble's weights, optimisers and RNG, not the
+    points it queried (every refresh round's images would make each epoch's file that large)."""
+    from clusterattack.attacks.gradients import without_queried_points
+
+    torch.set_num_threads(1)
+    victim = Linear().eval()
+    states = {}
+    full = train_generator(
+        CountingVictim(victim), _images(), _stateful(gradient_source="surrogate"), progress=False,
+        on_epoch_end=lambda r, s: states.__setitem__(s["epoch"], copy.deepcopy(s)),
+    )  # fmt: skip
+    whole = states[2]["source"]
+    slim = without_queried_points(whole)
+    assert "refresh" not in slim and "noise" not in slim and slim["models"] is whole["models"]
+    assert without_queried_points(None) is None and without_queried_points({}) == {}
+    nested = without_queried_points({"name": "estimate", "rng": whole["rng"], "prior": whole})
+    assert "refresh" not in nested["prior"] and nested["rng"] is whole["rng"]
+
+    # The ensemble comes back as fine-tuned (not distilled anew), its pool the clean points.
+    config = _stateful(gradient_source="surrogate")
+    source = make_gradient_source(CountingVictim(victim), config)
+    pool = training_split(_images(), config)[0]
+    source.resume(pool, states[2]["clean"], slim)
+    for model, saved in zip(source.models, whole["models"], strict=True):
+        assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+    assert len(source._pool_x) == 1 and source._pool_x[0].shape[0] == whole["distilled"]
+
+    again = CountingVictim(victim)
+    resumed = train_generator(again, _images(), config, progress=False, resume={**states[2], "source": slim})
+    assert resumed.epochs_run == 3 and resumed.image_queries == full.image_queries
+    assert again.image_queries == full.image_queries - states[2]["counts"][0]  # nothing distilled anew

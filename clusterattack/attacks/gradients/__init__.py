@@ -5,7 +5,11 @@ from __future__ import annotations
 from clusterattack.attacks.config import AttackConfig
 from clusterattack.attacks.gradients.base import GradientSource, query_memberships
 from clusterattack.attacks.gradients.estimate import EstimateSource, estimated_memberships
-from clusterattack.attacks.gradients.surrogate import SurrogateNet, SurrogateSource
+from clusterattack.attacks.gradients.surrogate import (
+    SurrogateNet,
+    SurrogateSource,
+    without_queried_points,
+)
 from clusterattack.attacks.gradients.whitebox import WhiteBoxSource
 from clusterattack.victims.base import Victim
 
@@ -18,6 +22,7 @@ __all__ = [
     "estimated_memberships",
     "make_gradient_source",
     "query_memberships",
+    "without_queried_points",
 ]
 
 

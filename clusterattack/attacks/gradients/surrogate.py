@@ -31,7 +31,7 @@ from clusterattack.precision import autocast
 from clusterattack.victims.augment import WEAK, crop_flip
 from clusterattack.victims.base import Victim
 
-__all__ = ["SurrogateNet", "SurrogateSource", "distill", "refresh_epochs"]
+__all__ = ["SurrogateNet", "SurrogateSource", "distill", "refresh_epochs", "without_queried_points"]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,22 @@ def refresh_epochs(epochs: int, rounds: int) -> list[int]:
         return []
     marks = sorted({max(1, min(epochs, round((r + 1) * epochs / (rounds + 1)))) for r in range(rounds)})
     return marks
+
+
+def without_queried_points(state: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A gradient-source state (surrogate, or estimate with its prior) without the points
+    queried for the surrogate (refresh rounds, noise points): the fine-tuned weights, the
+    optimisers and the RNG in a few MB, where the points grow with every refresh round
+    (15,000 CIFAR-sized images are 184 MB). For checkpoints written every epoch to remote
+    storage (Tune trials). Resuming from it keeps the ensemble as fine-tuned; only the later
+    refresh rounds no longer revisit the earlier rounds' points.
+    """
+    if not state:
+        return None if state is None else {}
+    out = {k: v for k, v in state.items() if k not in ("noise", "refresh")}
+    if "prior" in out:
+        out["prior"] = without_queried_points(out["prior"])
+    return out
 
 
 class SurrogateSource(GradientSource):
@@ -307,9 +323,11 @@ class SurrogateSource(GradientSource):
                 f"distilled on {saved[3]} images) does not fit this run (arch {self.config.arch!r}, "
                 f"{self.config.ensemble} member(s) on {n}): it was made with another config or data set"
             )
-        noise_x, noise_y = state["noise"]
-        self._pool_x = [torch.cat([images[:n], noise_x]), *(x for x, _ in state["refresh"])]
-        self._pool_y = [torch.cat([clean_memberships[:n], noise_y]), *(y for _, y in state["refresh"])]
+        empty = (images[:0], clean_memberships[:0])
+        noise_x, noise_y = state.get("noise", empty)  # absent: see without_queried_points
+        refresh = state.get("refresh", [])
+        self._pool_x = [torch.cat([images[:n], noise_x]), *(x for x, _ in refresh)]
+        self._pool_y = [torch.cat([clean_memberships[:n], noise_y]), *(y for _, y in refresh)]
         self._distilled = n
         shape, k = tuple(int(v) for v in images.shape[1:]), clean_memberships.shape[1]
         self.models, self._optimizers = [], []
@@ -326,8 +344,10 @@ class SurrogateSource(GradientSource):
             self._optimizers.append(opt)
         self.generator.set_state(state["rng"])
         log.info(
-            "surrogate resumed: %d member(s), %d refresh round(s) of queried points kept",
-            len(self.models), len(self._pool_x) - 1,
+            "surrogate resumed: %d member(s), %s",
+            len(self.models),
+            f"{len(refresh)} refresh round(s) of queried points kept" if "refresh" in state
+            else "saved without its queried points (later refresh rounds fine-tune on theirs only)",
         )
 
     def _agreement(self, x: torch.Tensor, y: torch.Tensor) -> float:
