@@ -229,3 +229,22 @@ def test_a_state_without_its_queried_points_resumes_the_fine_tuned_surrogate():
     resumed = train_generator(again, _images(), config, progress=False, resume={**states[2], "source": slim})
     assert resumed.epochs_run == 3 and resumed.image_queries == full.image_queries
     assert again.image_queries == full.image_queries - states[2]["counts"][0]  # nothing distilled anew
+
+
+@pytest.mark.parametrize("noise", [0, 32])
+def test_a_saved_surrogate_state_does_not_carry_the_clean_pool(noise):
+    """The clean images are the run's own data, not the state's: saving the state must not
+    write them (a slice of them is a view whose whole storage torch.save would write)."""
+    import io
+
+    victim = Linear().eval()
+    states = {}
+    config = _stateful(gradient_source="surrogate", epochs=1, **{"surrogate.noise_queries": noise})
+    train_generator(
+        CountingVictim(victim), _images(), config, progress=False,
+        on_epoch_end=lambda r, s: states.__setitem__(s["epoch"], s),
+    )  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save(states[1]["source"]["noise"], buffer)
+    image_bytes = 4 * 64
+    assert buffer.getbuffer().nbytes < (noise + 16) * image_bytes + 4096  # the noise points, not the 192 clean ones

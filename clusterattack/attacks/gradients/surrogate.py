@@ -298,7 +298,9 @@ class SurrogateSource(GradientSource):
             "models": [model.state_dict() for model in self.models],
             "optimizers": [opt.state_dict() for opt in self._optimizers],
             "rng": self.generator.get_state(),
-            "noise": (self._pool_x[0][n:], self._pool_y[0][n:]),
+            # Copies: a slice is a view, and saving it would write the whole clean pool
+            # (every training image) with it.
+            "noise": (self._pool_x[0][n:].clone(), self._pool_y[0][n:].clone()),
             "refresh": list(zip(self._pool_x[1:], self._pool_y[1:], strict=True)),
         }
 
