@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -27,6 +28,23 @@ def _tail(text: str, n: int = 4000) -> str:
     return text[-n:]
 
 
+LOG_STREAM_DROPPED = "WebSocket connection closed unexpectedly"
+
+
+def _wait_for_job(address: str, submission_id: str, output: str) -> tuple[int, str]:
+    """Wait on the job through Ray's job SDK; its logs and a 0/1 return code as submit gives."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + 600
+    status = client.get_job_status(submission_id)
+    while not status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(submission_id)
+    logs = client.get_job_logs(submission_id)
+    return (0 if status == JobStatus.SUCCEEDED else 1), f"{output}{logs}\njob {submission_id} {status.value.lower()}\n"
+
+
 def test_ray_job_submit_runs_the_sweep_on_a_local_cluster(tmp_path):
     env = sweep_env(tmp_path)
     runtime_env = {
@@ -36,9 +54,11 @@ def test_ray_job_submit_runs_the_sweep_on_a_local_cluster(tmp_path):
         # .gitignore already keeps these out; said again so the upload stays small anyway.
         "excludes": [".git", ".venv", "mlruns", "data", "runs", "*.pyc", ".pytest_cache", ".ruff_cache"],
     }  # fmt: skip
+    submission_id = f"sweep-{uuid.uuid4().hex[:12]}"
     with LocalHead(tmp_path, env) as head:
         command = [
             str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard_url,
+            "--submission-id", submission_id,
             "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env),
             "--", "python", *sweep_args(tmp_path, "job", "--num-samples", "2", "--quiet"),
         ]  # fmt: skip
@@ -50,9 +70,15 @@ def test_ray_job_submit_runs_the_sweep_on_a_local_cluster(tmp_path):
             if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
                 break
             time.sleep(3)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, _tail(output)
-    assert "succeeded" in output, _tail(output)
+        output = done.stdout + done.stderr
+        returncode = done.returncode
+        if returncode != 0 and LOG_STREAM_DROPPED in output:
+            # Ray's log stream can drop while the job runs on (ray-project/ray#51601; seen
+            # here once in CI, 2 s after the upload): the job is fine, only the tail is gone.
+            # Do what the README tells users to do then: wait on the job, read its logs.
+            returncode, output = _wait_for_job(head.dashboard_url, submission_id, output)
+    assert returncode == 0, _tail(output)
+    assert "succeeded" in output.lower(), _tail(output)
     assert "Table 1" in output and "generator-cc-digits/1" in output, _tail(output)
 
     client = mlflow_client(tmp_path)
