@@ -51,29 +51,38 @@ def _stop_after(epochs: int):
     return on_epoch
 
 
-@pytest.mark.parametrize("name", ["cc", "scan"])
+@pytest.mark.parametrize("name", sorted(VICTIMS))
 def test_resume_continues_exactly_where_the_run_stopped(name, tiny, tiny_data, tiny_ctx, tmp_path):
+    # Every registered family: the run is stopped after the first epoch of its main stage
+    # (after its earlier stages: pretext, warm-ups, SCAN for RUC), then resumed into a model
+    # of another initialisation; history and memberships must be the uninterrupted run's.
     spec = VICTIMS[name]
     recipe = tiny.recipe(name, epochs=2)
     full = tiny.model(name)
     torch.manual_seed(0)
     straight = spec.train(full, tiny_data, recipe, tiny_ctx).history
+    main = [h["epoch"] for h in straight if h["stage"] == MAIN_STAGE[name]]
+    assert len(main) == 2, f"{name}: main-stage epochs {main}"
+    stop_at = main[0]
 
     ckpt = tmp_path / "ckpt"
     stopped = tiny.model(name)
     torch.manual_seed(0)
-    ctx = dataclasses.replace(tiny_ctx, checkpoint_dir=ckpt, on_epoch=_stop_after(1))
+    ctx = dataclasses.replace(tiny_ctx, checkpoint_dir=ckpt, on_epoch=_stop_after(stop_at))
     with pytest.raises(Stop):
         spec.train(stopped, tiny_data, recipe, ctx)
     assert (ckpt / CHECKPOINT_NAME).exists()
 
     resumed = tiny.model(name, seed=123)  # different init: everything must come from the checkpoint
+    x = tiny_data.batch(torch.arange(8), torch.device("cpu"), test=True)
+    assert not torch.allclose(resumed.predict_proba(x), full.predict_proba(x), rtol=1e-4, atol=1e-5)
+    torch.manual_seed(99)  # another global RNG state too: the checkpoint must carry its own
     ctx = dataclasses.replace(tiny_ctx, checkpoint_dir=ckpt, resume=True)
     history = spec.train(resumed, tiny_data, recipe, ctx).history
     assert [h["epoch"] for h in history] == [h["epoch"] for h in straight]
+    assert [h["stage"] for h in history] == [h["stage"] for h in straight]
     for a, b in zip(history, straight, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    x = tiny_data.batch(torch.arange(8), torch.device("cpu"), test=True)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), (name, a, b)
     torch.testing.assert_close(
         resumed.predict_proba(x), full.predict_proba(x), rtol=1e-4, atol=1e-5
     )
