@@ -76,7 +76,11 @@ def _generator_victim(gen: LoadedGenerator, fallback: str) -> str:
 
 @dataclass
 class AnalysisResult:
-    """One analysis: its kind, the contract payload, figures, tables, artifact files and tag values."""
+    """One analysis: its kind, the contract payload, figures, tables, artifact files and tag values.
+
+    ``models`` holds models the analysis made that a caller may keep (the retrained victim);
+    they are not logged.
+    """
 
     kind: str
     payload: dict[str, Any]
@@ -85,6 +89,7 @@ class AnalysisResult:
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
 
 
 def log_result(result: AnalysisResult, run_name: str | None = None) -> str:
@@ -234,6 +239,7 @@ def run_detection(
         "flagged_clean_fraction": float((scores_clean > threshold).mean()),
         "flagged_adv_fraction": float((scores_adv > threshold).mean()),
         "linf_mean": float(delta.abs().max(1).values.mean()),
+        "linf_max": float(delta.abs().max()) if delta.numel() else 0.0,  # the bound is on every image
         "l2_mean": float(delta.norm(dim=1).mean()),
         "gradient_source": gen.config.gradient_source,
         "image_queries": gen.image_queries,  # spent training the generator
@@ -434,7 +440,9 @@ def run_retraining(
         },
     }
     table = [{k: v for k, v in r.items() if k != "nmi_old_generators_each"} for r in rows]
-    return AnalysisResult("retraining", payload, fresh.gradient_source, tables={"retraining": table})
+    return AnalysisResult(
+        "retraining", payload, fresh.gradient_source, tables={"retraining": table}, models={"retrained": retrained}
+    )
 
 
 def retraining_text(payload: dict[str, Any]) -> str:

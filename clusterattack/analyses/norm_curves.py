@@ -113,6 +113,7 @@ def norm_curve_point(
     row.update(
         l2_mean=float(scores["l2_mean"]),
         linf_mean=float(scores["linf_mean"]),
+        linf_max=float(scores["linf_max"]),
         image_queries=result.image_queries,
         changed_fraction=float(scores["changed_fraction"]),
         gradient_source=config.gradient_source,

@@ -269,7 +269,10 @@ def run_transfer(
             for m in METRICS:
                 row[f"{m}_pre"] = pre[target][m]
                 row[f"{m}_post"] = float(r[f"{m}_post"])
-            row.update(changed_fraction=r["changed_fraction"], l2_mean=r["l2_mean"], linf_mean=r["linf_mean"])
+            row.update(
+                changed_fraction=r["changed_fraction"], l2_mean=r["l2_mean"], linf_mean=r["linf_mean"],
+                linf_max=r["linf_max"],
+            )
             rows.append(row)
     result = TransferResult(payload, {"transfer_pairs": rows})
     from clusterattack.reports.analysis_figures import transfer_heatmap
