@@ -16,6 +16,7 @@ from clusterattack.api.config import AlbumServiceConfig
 from clusterattack.api.service import AlbumDeployment, ModelSource, store_actor_name
 from clusterattack.api.store import kill_album_store
 from clusterattack.serving.deployment import KeySpec, Launched, check_app_name, start_serve
+from clusterattack.serving.detection import DetectionConfig
 from clusterattack.serving.ledger_actor import LedgerAdmin, LedgerConfig, kill_ledger
 from clusterattack.serving.ledger_records import IssuedKey
 
@@ -28,12 +29,16 @@ def build_album_app(
     name: str,
     config: AlbumServiceConfig | None = None,
     ledger: LedgerConfig | None = None,
+    detection: DetectionConfig | None = None,
 ):
-    """The Serve application of one album service, ready for ``serve.run`` (nothing starts)."""
+    """The Serve application of one album service, ready for ``serve.run`` (nothing starts).
+
+    ``detection`` turns query detection on for its adds (``serving.detector``).
+    """
     config = config or AlbumServiceConfig()
     check_app_name(name)
     return AlbumDeployment.options(name="albums", **config.serve.deployment_options()).bind(
-        source, config, ledger or LedgerConfig(), name
+        source, config, ledger or LedgerConfig(), name, detection
     )
 
 
@@ -44,9 +49,10 @@ def deploy_album_service(
     config: AlbumServiceConfig | None = None,
     ledger: LedgerConfig | None = None,
     route_prefix: str | None = None,
+    detection: DetectionConfig | None = None,
 ):
     """Deploy (or redeploy) the album service and return its ``DeploymentHandle``."""
-    app = build_album_app(source, name=name, config=config, ledger=ledger)
+    app = build_album_app(source, name=name, config=config, ledger=ledger, detection=detection)
     return serve.run(app, name=name, route_prefix=route_prefix or f"/{name}")
 
 

@@ -19,6 +19,11 @@ HTTP API (``/<app>`` prefix; OpenAPI at ``/<app>/openapi.json``):
 (.npy or JSON images), ``POST /v1/albums/{token}/group``, ``GET /v1/albums/{token}``,
 ``DELETE /v1/albums/{token}``, ``GET /v1/info``, ``GET /v1/budget``. Albums are kept by
 ``store`` (limits and what they survive are stated there); ``launch`` deploys this.
+
+With query detection on (``detection=DetectionConfig(policy=...)``, see
+``serving.detector``), the images of an add are screened by the detector shared with the
+victim apps on the same ledger before anything is reserved; under ``block`` a flagged key
+gets 403 and is charged nothing.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route annotations in the
@@ -51,6 +56,7 @@ from clusterattack.api.http_models import (
 from clusterattack.api.store import AsyncAlbumStore
 from clusterattack.serving import schema
 from clusterattack.serving.deployment import API_KEY_HEADER, REQUEST_ID_HEADER
+from clusterattack.serving.detection import DetectionConfig
 from clusterattack.serving.errors import (
     InvalidImages,
     QuotaExceeded,
@@ -132,8 +138,17 @@ class AlbumDeployment:
     """One replica of the album service (see the module docstring for the API and charging)."""
 
     def __init__(
-        self, source: ModelSource, config: AlbumServiceConfig, ledger: LedgerConfig, app_name: str
+        self,
+        source: ModelSource,
+        config: AlbumServiceConfig,
+        ledger: LedgerConfig,
+        app_name: str,
+        detection: DetectionConfig | None = None,
     ) -> None:
+        from clusterattack.serving.detector import DetectionGate
+
+        detection = detection or DetectionConfig()
+        self._gate = DetectionGate(detection, ledger, app_name, "albums") if detection.enabled else None
         self._config = config
         self._app_name = app_name
         serve_config = config.serve
@@ -207,6 +222,9 @@ class AlbumDeployment:
         count = len(images)
         # Checked before charging, so a full album or a foreign token costs nothing.
         await self._store.call("check_room", key_id, token, count)
+        if self._gate is not None:
+            # Before the reservation: a blocked add is charged nothing.
+            await self._gate.screen(key_hash, f"{token}/{request_id}", images)
         # Ledger ids are per key; the album token keeps two albums' request ids apart.
         charge_id = f"{token}/{request_id}"
         reservation = await self._ledger.call(

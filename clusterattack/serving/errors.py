@@ -20,6 +20,7 @@ __all__ = [
     "ModeMismatch",
     "NotFound",
     "PayloadTooLarge",
+    "QueryBlocked",
     "QuotaExceeded",
     "RateLimited",
     "RequestConflict",
@@ -81,6 +82,23 @@ class Forbidden(ServingError):
 
     status_code = 403
     reason = "forbidden"
+
+
+class QueryBlocked(Forbidden):
+    """The key was flagged by query detection and this deployment blocks (HTTP 403).
+
+    Nothing of the request was charged; ``key_id`` names the blocked key. An admin clears
+    the flag (``POST /admin/keys/{key_id}/detection/clear``).
+    """
+
+    reason = "query_detection"
+
+    def __init__(self, message: str, *, key_id: str | None = None) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+
+    def _fields(self) -> dict[str, Any]:
+        return {"key_id": self.key_id}
 
 
 class NotFound(ServingError):
@@ -198,6 +216,7 @@ _BY_NAME: dict[str, type[ServingError]] = {
         ServingError,
         Unauthorized,
         Forbidden,
+        QueryBlocked,
         NotFound,
         BadRequest,
         RequestConflict,
@@ -237,6 +256,8 @@ def error_from_payload(status_code: int, payload: Any) -> ServingError:
                 remaining=int(payload.get("remaining", 0)),
                 retry_after_s=payload.get("retry_after_s"),
             )
+        if cls is QueryBlocked:
+            return cls(detail, key_id=payload.get("key_id"))
         return cls(detail)
     # FastAPI's own validation errors (admin bodies) use {"detail": [...]}.
     detail = payload.get("detail", payload) if isinstance(payload, dict) else payload

@@ -34,6 +34,7 @@ class InfoResponse(BaseModel):
     max_images_per_request: int
     max_request_bytes: int
     max_batch_size: int
+    detection: str = Field("off", description="query detection policy: off, flag or block")
 
 
 class BudgetResponse(BaseModel):
@@ -71,3 +72,26 @@ class GrantRequest(BaseModel):
 
 class ResetRequest(BaseModel):
     budget: int | None = Field(None, ge=0, description="new total budget; null keeps it")
+
+
+class DetectionResponse(BaseModel):
+    """What query detection saw of one key (``serving.detector.KeyDetection``)."""
+
+    key_id: str
+    name: str
+    owner: str | None = Field(None, description="keys of one owner share one history and flag")
+    scope: str = Field(description="key:<id> or owner:<owner>: whose history the key's queries join")
+    queries: int = Field(description="images of this key screened")
+    matched: int = Field(description="of them, images that matched an earlier query of the scope")
+    first_match_query: int | None = Field(None, description="the key's query count at its first match")
+    scope_queries: int
+    window_matched: int = Field(description="matched images among the scope's recent queries")
+    flagged: bool
+    flagged_at: float | None = None
+    flag_query: int | None = Field(None, description="the scope's query count when it was flagged")
+    flag_key: str | None = None
+    reason: str | None = None
+
+
+class OwnerRequest(BaseModel):
+    owner: str | None = Field(None, min_length=1, max_length=64, description="null unlinks the key")

@@ -181,11 +181,12 @@ class AsyncLedgerClient:
     # replica with many requests in flight pays one actor round trip per wave, not one
     # per request; a lone request goes at once, as before.
     COALESCED = ("reserve", "commit")
+    SERVICE = "budget ledger"
 
     def __init__(self, config: LedgerConfig, *, attempts: int = 3) -> None:
         self.config = config
         self._attempts = attempts
-        self._actor = get_ledger(config)
+        self._actor = self._connect()
         self._waiting: dict[str, list[tuple[tuple, asyncio.Future]]] = {m: [] for m in self.COALESCED}
         self._sending: dict[str, bool] = dict.fromkeys(self.COALESCED, False)
         self.actor_calls = 0  # round trips made (a coalesced wave counts once)
@@ -241,5 +242,9 @@ class AsyncLedgerClient:
                     method, type(exc).__name__, attempt + 1, self._attempts,
                 )
                 await asyncio.sleep(0.2 * (attempt + 1))
-                self._actor = get_ledger(self.config)
-        raise ServiceUnavailable(f"the budget ledger is unavailable after {self._attempts} attempts")
+                self._actor = self._connect()
+        raise ServiceUnavailable(f"the {self.SERVICE} is unavailable after {self._attempts} attempts")
+
+    def _connect(self):
+        """The actor this client calls (found or created); subclasses call another one."""
+        return get_ledger(self.config)

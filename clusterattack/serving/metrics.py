@@ -1,7 +1,8 @@
 """Serving metrics through Ray's metrics API, so Prometheus scrapes them with Ray's own.
 
 Ray exports each metric with a ``ray_`` prefix on every node's metrics port. Replicas
-count what they serve and reject; the ledger actor publishes the budget left per key.
+count what they serve, reject and screen; the ledger actor publishes the budget left per
+key, the query detector the matches and flags per key.
 Tags carry key ids, never the keys themselves.
 """
 
@@ -90,3 +91,72 @@ def record_budget_status(status) -> None:
     tags = {"key_id": status.key_id, "key_name": status.name}
     remaining.set(0 if status.revoked else status.remaining, tags=tags)
     used.set(status.used, tags=tags)
+
+
+class DetectionMetrics:
+    """What a replica's query detection screened, tagged with its application and mode."""
+
+    def __init__(self, app: str, mode: str) -> None:
+        self._tags = {"app": app, "mode": mode}
+        self.images_screened = Counter(
+            "clusterattack_detection_images_screened",
+            description="Images fingerprinted and matched by query detection, by outcome: "
+            "matched (an earlier query of the key's scope shares enough hashes), unmatched, "
+            "blocked (refused before matching: the key was flagged and the app blocks).",
+            tag_keys=("app", "mode", "outcome"),
+        )
+
+    def screened(self, verdict) -> None:
+        if verdict.replayed:
+            return
+        if verdict.blocked and not verdict.newly_flagged and verdict.matched == 0:
+            self.images_screened.inc(verdict.images, tags={**self._tags, "outcome": "blocked"})
+            return
+        if verdict.matched:
+            self.images_screened.inc(verdict.matched, tags={**self._tags, "outcome": "matched"})
+        if verdict.images > verdict.matched:
+            self.images_screened.inc(verdict.images - verdict.matched, tags={**self._tags, "outcome": "unmatched"})
+
+
+@lru_cache(maxsize=1)
+def _detection_metrics() -> tuple[Counter, Counter, Gauge, Gauge]:
+    tag_keys = ("key_id", "key_name")
+    matches = Counter(
+        "clusterattack_detection_matches",
+        description="Queries of an API key that matched an earlier query of its scope.",
+        tag_keys=tag_keys,
+    )
+    flags = Counter(
+        "clusterattack_detection_flags",
+        description="Times an API key's scope was flagged by query detection.",
+        tag_keys=tag_keys,
+    )
+    window = Gauge(
+        "clusterattack_detection_window_matched",
+        description="Matched queries among the recent queries (the window) of an API key's scope.",
+        tag_keys=tag_keys,
+    )
+    flagged = Gauge(
+        "clusterattack_detection_flagged",
+        description="1 while an API key's scope is flagged by query detection, else 0.",
+        tag_keys=tag_keys,
+    )
+    return matches, flags, window, flagged
+
+
+def record_detection_screen(key_id: str, key_name: str, matched: int, window_matched: int, flagged: bool) -> None:
+    """Publish one screened request of a key (the detector actor's ``on_screen`` hook)."""
+    with _lock:
+        matches, _, window, flagged_gauge = _detection_metrics()
+    tags = {"key_id": key_id, "key_name": key_name}
+    if matched:
+        matches.inc(matched, tags=tags)
+    window.set(window_matched, tags=tags)
+    flagged_gauge.set(1 if flagged else 0, tags=tags)
+
+
+def record_detection_flag(key_id: str, key_name: str) -> None:
+    """Count a new flag of a key (the detector actor's ``on_flag`` hook)."""
+    with _lock:
+        _, flags, _, _ = _detection_metrics()
+    flags.inc(1, tags={"key_id": key_id, "key_name": key_name})

@@ -1,0 +1,673 @@
+"""Query detection at the served victim: the shared detector actor, the replicas' gate, the policies.
+
+Where the state lives: :class:`QueryDetector`, one named, detached Ray actor beside the
+budget ledger (:func:`get_detector`), with its own sqlite file in WAL mode next to the
+ledger's (``<ledger>.detection.sqlite``), read back when the actor restarts; every replica
+of every app that shares the ledger screens through it, so a key's history is the same
+whichever replica answers. It reads key ids and names from the ledger's file. Replicas
+compute the fingerprints (:func:`~clusterattack.serving.detection.fingerprints`) and send
+only them. A scope is the key, or the owner an admin gave the key (keys issued to one
+account share one history and one flag: spreading queries over them gains nothing). A
+scope is flagged when ``flag_after`` of the fingerprints in its window matched.
+
+Memory: at most ``max_resident`` scopes stay in memory (least recently used leave; their
+fingerprints stay on disk and are read back when they query again), so the indexes hold at
+most ``max_resident * DetectionConfig.scope_bytes()`` bytes (32 MiB with the defaults);
+on disk a scope keeps at most ``history`` rows of ``8 * top_k`` bytes.
+
+Policy is per deployment (:class:`~clusterattack.serving.detection.DetectionConfig`
+``policy``): ``off`` (nothing computed), ``flag`` (metrics, the admin listing, a log line),
+``block`` (a request of a flagged key, and the request that crosses the threshold, is
+refused with :class:`~clusterattack.serving.errors.QueryBlocked`, HTTP 403, before the
+ledger reserves anything: nothing is charged). A retried request (same request id, e.g.
+after a rate-limit wait) gets its first verdict and is recorded once, so a client's retries
+never match themselves; request ids are remembered per scope (the last 4,096), in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clusterattack.serving.detection import (
+    POLICIES,
+    DetectionConfig,
+    FingerprintIndex,
+    FingerprintSpec,
+    fingerprints,
+)
+from clusterattack.serving.errors import (
+    Forbidden,
+    NotFound,
+    QueryBlocked,
+    ServingError,
+    Unauthorized,
+    unwrap_error,
+)
+from clusterattack.serving.ledger_actor import AsyncLedgerClient, _is_actor_gone
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AsyncDetectorClient",
+    "DetectionGate",
+    "DetectorAdmin",
+    "KeyDetection",
+    "QueryDetector",
+    "Verdict",
+    "detector_db_path",
+    "get_detector",
+    "kill_detector",
+]
+
+_REQUEST_MEMORY = 4096
+
+DETECTION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS detection_meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS detection_keys (
+    key_id            TEXT PRIMARY KEY,
+    owner             TEXT,
+    queries           INTEGER NOT NULL DEFAULT 0,
+    matched           INTEGER NOT NULL DEFAULT 0,
+    first_match_query INTEGER,
+    updated_at        REAL
+);
+CREATE TABLE IF NOT EXISTS detection_scopes (
+    scope       TEXT PRIMARY KEY,
+    next_row    INTEGER NOT NULL DEFAULT 0,
+    queries     INTEGER NOT NULL DEFAULT 0,
+    matched     INTEGER NOT NULL DEFAULT 0,
+    flagged_at  REAL,
+    flag_query  INTEGER,
+    flag_key    TEXT,
+    flag_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS detection_fingerprints (
+    scope   TEXT NOT NULL,
+    row     INTEGER NOT NULL,
+    hashes  BLOB NOT NULL,
+    matched INTEGER NOT NULL,
+    PRIMARY KEY (scope, row)
+) WITHOUT ROWID;
+"""
+
+
+def detector_db_path(ledger_db_path: str) -> str:
+    """The detector's sqlite file: beside the ledger's, ``<stem>.detection.sqlite``."""
+    path = Path(ledger_db_path)
+    return str(path.with_name(path.stem + ".detection.sqlite"))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the detector decided about one request."""
+
+    key_id: str
+    images: int
+    matched: int
+    window_matched: int
+    flagged: bool
+    newly_flagged: bool
+    blocked: bool
+    reason: str | None
+    replayed: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class KeyDetection:
+    """The detector's view of one key (the admin listing)."""
+
+    key_id: str
+    name: str
+    owner: str | None
+    scope: str
+    queries: int
+    matched: int
+    first_match_query: int | None
+    scope_queries: int
+    window_matched: int
+    flagged: bool
+    flagged_at: float | None
+    flag_query: int | None
+    flag_key: str | None
+    reason: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class QueryDetector:
+    """The shared, persistent detector state: per-scope fingerprint windows, counts, flags.
+
+    Run as one Ray actor (``get_detector``); every method is one sqlite transaction, so a
+    restarted actor continues where the old one stopped. See the module docstring.
+
+    Args:
+        path: its sqlite file (created with its folder). ledger_path: the ledger's file,
+            read for key ids and names. config: the detector's parameters (``policy`` is
+            ignored here: it is each deployment's). clock: wall-clock seconds (tests).
+        on_flag / on_screen: metric hooks, called with (key_id, name) and
+            (key_id, name, matched, window_matched, flagged).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        ledger_path: str | os.PathLike[str],
+        config: DetectionConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_flag: Callable[[str, str], None] | None = None,
+        on_screen: Callable[[str, str, int, int, bool], None] | None = None,
+    ) -> None:
+        self.config = config or DetectionConfig()
+        self._clock = clock
+        self._on_flag = on_flag
+        self._on_screen = on_screen
+        self._lock = threading.RLock()
+        self._path = Path(path).expanduser().resolve()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(self._path), timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._conn.executescript(DETECTION_SCHEMA)
+        self._ledger = sqlite3.connect(
+            str(Path(ledger_path).expanduser().resolve()), timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._ledger.row_factory = sqlite3.Row
+        self._ledger.execute("PRAGMA busy_timeout=30000")
+        self._indexes: OrderedDict[str, FingerprintIndex] = OrderedDict()
+        self._requests: dict[str, OrderedDict[str, Verdict]] = {}
+        self._spec = self._load_spec()
+        logger.info(
+            "query detector at %s: %s, history %d, flag after %d matched (index bound %d bytes per scope)",
+            self._path, self._spec.public(), self.config.history, self.config.flag_after, self.config.scope_bytes(),
+        )
+
+    # ------------------------------------------------------------------ plumbing
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _load_spec(self) -> FingerprintSpec:
+        """The salt (created once) and the fingerprint parameters; stored fingerprints made
+        with other parameters cannot match new ones and are dropped."""
+        with self._transaction() as conn:
+            meta = {r["name"]: r["value"] for r in conn.execute("SELECT name, value FROM detection_meta")}
+            salt = int(meta["salt"]) if "salt" in meta else secrets.randbits(64)
+            spec = self.config.spec(salt)
+            wanted = repr(sorted(spec.public().items()))
+            if meta.get("spec") not in (None, wanted):
+                count = conn.execute("SELECT COUNT(*) FROM detection_fingerprints").fetchone()[0]
+                logger.warning(
+                    "fingerprint parameters changed (%s -> %s): dropping %d stored fingerprints",
+                    meta.get("spec"), wanted, count,
+                )
+                conn.execute("DELETE FROM detection_fingerprints")
+                conn.execute("UPDATE detection_scopes SET next_row = 0")
+            conn.execute("INSERT OR REPLACE INTO detection_meta VALUES ('salt', ?)", (str(salt),))
+            conn.execute("INSERT OR REPLACE INTO detection_meta VALUES ('spec', ?)", (wanted,))
+        return spec
+
+    def _key(self, key_hash: str) -> sqlite3.Row:
+        row = self._ledger.execute(
+            "SELECT key_id, name, role, revoked FROM api_keys WHERE key_hash = ?", (key_hash,)
+        ).fetchone()
+        if row is None or row["revoked"]:
+            raise Unauthorized("unknown or revoked API key")
+        if row["role"] != "attacker":
+            raise Forbidden("admin keys manage budgets; query victims with an attacker key")
+        return row
+
+    def _key_name(self, key_id: str) -> str:
+        row = self._ledger.execute("SELECT name FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no API key with id {key_id!r}")
+        return row["name"]
+
+    def _owner(self, conn: sqlite3.Connection, key_id: str) -> str | None:
+        row = conn.execute("SELECT owner FROM detection_keys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else row["owner"]
+
+    @staticmethod
+    def _scope_of(key_id: str, owner: str | None) -> str:
+        return f"owner:{owner}" if owner else f"key:{key_id}"
+
+    def _index(self, conn: sqlite3.Connection, scope: str) -> FingerprintIndex:
+        index = self._indexes.get(scope)
+        if index is not None:
+            self._indexes.move_to_end(scope)
+            return index
+        cfg = self.config
+        index = cfg.index()
+        state = conn.execute("SELECT next_row FROM detection_scopes WHERE scope = ?", (scope,)).fetchone()
+        next_row = 0 if state is None else int(state["next_row"])
+        stored = conn.execute(
+            "SELECT row, hashes, matched FROM detection_fingerprints WHERE scope = ? AND row >= ? ORDER BY row",
+            (scope, next_row - cfg.history),
+        ).fetchall()
+        contiguous = bool(stored) and int(stored[-1]["row"]) == next_row - 1 and (
+            len(stored) == next_row - int(stored[0]["row"])
+        )
+        if contiguous and all(len(r["hashes"]) == 8 * cfg.top_k for r in stored):
+            fps = np.stack([np.frombuffer(r["hashes"], np.uint64) for r in stored])
+            index.load(int(stored[0]["row"]), fps, np.array([bool(r["matched"]) for r in stored]))
+        else:
+            if stored:
+                logger.warning("stored fingerprints of %s are not a contiguous window: starting it empty", scope)
+            index.next_row = next_row
+        self._indexes[scope] = index
+        while len(self._indexes) > cfg.max_resident:
+            self._indexes.popitem(last=False)  # on disk; reloaded when the scope queries again
+        return index
+
+    def _scope_row(self, conn: sqlite3.Connection, scope: str) -> sqlite3.Row:
+        conn.execute("INSERT OR IGNORE INTO detection_scopes (scope) VALUES (?)", (scope,))
+        return conn.execute("SELECT * FROM detection_scopes WHERE scope = ?", (scope,)).fetchone()
+
+    # ------------------------------------------------------------------ replicas
+    def fingerprint_spec(self) -> FingerprintSpec:
+        """The spec (with the salt) replicas fingerprint with; it never leaves the cluster."""
+        return self._spec
+
+    def screen(self, key_hash: str, request_id: str, fps: np.ndarray, policy: str) -> Verdict:
+        """Match a request's fingerprints against its scope, record them, flag the scope at
+        ``flag_after`` matches in the window; ``blocked`` under ``policy == "block"`` when the
+        scope is (or now becomes) flagged. Raises Unauthorized or Forbidden for bad keys."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        fps = np.asarray(fps, np.uint64)
+        if fps.ndim != 2 or fps.shape[1] != self._spec.top_k:
+            raise ValueError(f"fingerprints must be N x {self._spec.top_k}, got shape {fps.shape}")
+        key = self._key(key_hash)
+        key_id, name = key["key_id"], key["name"]
+        now = self._clock()
+        cfg = self.config
+        with self._transaction() as conn:
+            owner = self._owner(conn, key_id)
+            scope = self._scope_of(key_id, owner)
+            seen = self._requests.setdefault(scope, OrderedDict())
+            if request_id and request_id in seen:
+                first = seen[request_id]
+                state = self._scope_row(conn, scope)
+                flagged = state["flagged_at"] is not None
+                return replace(
+                    first, replayed=True, flagged=flagged, newly_flagged=False,
+                    blocked=first.blocked or (flagged and policy == "block"),
+                )
+            state = self._scope_row(conn, scope)
+            index = self._index(conn, scope)
+            if state["flagged_at"] is not None and policy == "block":
+                return Verdict(key_id, len(fps), 0, index.window_matched, True, False, True, state["flag_reason"])
+            result = index.match(fps)
+            matched = int(result.matched.sum())
+            queries = int(state["queries"]) + len(fps)
+            flagged = state["flagged_at"] is not None
+            newly = not flagged and index.window_matched >= cfg.flag_after
+            reason = state["flag_reason"]
+            if newly:
+                # The query of the batch at which the window's count reached the threshold.
+                running = index.window_matched - matched + np.cumsum(result.matched)
+                crossing = int(np.argmax(running >= cfg.flag_after)) if running[-1] >= cfg.flag_after else len(fps) - 1
+                flag_query = int(state["queries"]) + crossing + 1
+                reason = (
+                    f"{index.window_matched} of the last {index.window_rows} queries of "
+                    f"{'owner ' + owner if owner else 'key ' + key_id} matched earlier ones "
+                    f"(flag_after={cfg.flag_after})"
+                )
+                conn.execute(
+                    "UPDATE detection_scopes SET flagged_at = ?, flag_query = ?, flag_key = ?, flag_reason = ? "
+                    "WHERE scope = ?",
+                    (now, flag_query, key_id, reason, scope),
+                )
+            conn.execute(
+                "UPDATE detection_scopes SET next_row = ?, queries = ?, matched = matched + ? WHERE scope = ?",
+                (index.next_row, queries, matched, scope),
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO detection_fingerprints VALUES (?, ?, ?, ?)",
+                [
+                    (scope, int(row), fps[i].tobytes(), int(result.matched[i]))
+                    for i, row in enumerate(result.rows)
+                ],
+            )
+            conn.execute(
+                "DELETE FROM detection_fingerprints WHERE scope = ? AND row < ?",
+                (scope, index.next_row - cfg.history),
+            )
+            key_row = conn.execute("SELECT queries, first_match_query FROM detection_keys WHERE key_id = ?", (key_id,)).fetchone()
+            key_queries = (0 if key_row is None else int(key_row["queries"]))
+            first_match = None if key_row is None else key_row["first_match_query"]
+            if first_match is None and matched:
+                first_match = key_queries + int(np.argmax(result.matched)) + 1
+            conn.execute(
+                "INSERT INTO detection_keys (key_id, queries, matched, first_match_query, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET queries = excluded.queries, "
+                "matched = matched + excluded.matched, first_match_query = excluded.first_match_query, "
+                "updated_at = excluded.updated_at",
+                (key_id, key_queries + len(fps), matched, first_match, now),
+            )
+        verdict = Verdict(
+            key_id, len(fps), matched, index.window_matched, flagged or newly, newly,
+            (flagged or newly) and policy == "block", reason,
+        )
+        if request_id:
+            seen[request_id] = verdict
+            while len(seen) > _REQUEST_MEMORY:
+                seen.popitem(last=False)
+        if newly:
+            logger.warning("query detection flagged %s (%s): %s", key_id, name, reason)
+            if self._on_flag is not None:
+                self._on_flag(key_id, name)
+        if self._on_screen is not None:
+            self._on_screen(key_id, name, matched, index.window_matched, flagged or newly)
+        return verdict
+
+    def screen_many(self, calls: list[tuple]) -> list[Verdict | ServingError]:
+        """``screen`` for each argument tuple, in order; a refused one is returned as its error."""
+        out: list[Verdict | ServingError] = []
+        for args in calls:
+            try:
+                out.append(self.screen(*args))
+            except ServingError as exc:
+                out.append(exc)
+        return out
+
+    # ------------------------------------------------------------------ admin
+    def _status(self, conn: sqlite3.Connection, key_id: str, name: str) -> KeyDetection:
+        key = conn.execute("SELECT * FROM detection_keys WHERE key_id = ?", (key_id,)).fetchone()
+        owner = None if key is None else key["owner"]
+        scope = self._scope_of(key_id, owner)
+        state = conn.execute("SELECT * FROM detection_scopes WHERE scope = ?", (scope,)).fetchone()
+        index = self._indexes.get(scope)
+        if index is not None:
+            window = index.window_matched
+        elif state is not None:
+            window = int(
+                conn.execute(
+                    "SELECT COALESCE(SUM(matched), 0) FROM detection_fingerprints WHERE scope = ?", (scope,)
+                ).fetchone()[0]
+            )
+        else:
+            window = 0
+        return KeyDetection(
+            key_id=key_id,
+            name=name,
+            owner=owner,
+            scope=scope,
+            queries=0 if key is None else int(key["queries"]),
+            matched=0 if key is None else int(key["matched"]),
+            first_match_query=None if key is None else key["first_match_query"],
+            scope_queries=0 if state is None else int(state["queries"]),
+            window_matched=window,
+            flagged=state is not None and state["flagged_at"] is not None,
+            flagged_at=None if state is None else state["flagged_at"],
+            flag_query=None if state is None else state["flag_query"],
+            flag_key=None if state is None else state["flag_key"],
+            reason=None if state is None else state["flag_reason"],
+        )
+
+    def key_status(self, key_id: str) -> KeyDetection:
+        name = self._key_name(key_id)
+        with self._lock:
+            return self._status(self._conn, key_id, name)
+
+    def list_keys(self, flagged_only: bool = False) -> list[KeyDetection]:
+        """Every attacker key of the ledger with what the detector saw of it (flagged first)."""
+        keys = self._ledger.execute(
+            "SELECT key_id, name FROM api_keys WHERE role = 'attacker' ORDER BY created_at, rowid"
+        ).fetchall()
+        with self._lock:
+            out = [self._status(self._conn, k["key_id"], k["name"]) for k in keys]
+        if flagged_only:
+            out = [s for s in out if s.flagged]
+        return sorted(out, key=lambda s: not s.flagged)
+
+    def set_owner(self, key_id: str, owner: str | None) -> KeyDetection:
+        """Give a key an owner (keys of one owner share one history and one flag); None unlinks.
+
+        The key's own fingerprints stay in its former scope; what it sends from now on is
+        matched and counted in the owner's.
+        """
+        if owner is not None and (not isinstance(owner, str) or not 1 <= len(owner) <= 64):
+            raise ValueError(f"owner must be a string of 1 to 64 characters or None, got {owner!r}")
+        name = self._key_name(key_id)
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO detection_keys (key_id, owner) VALUES (?, ?) "
+                "ON CONFLICT (key_id) DO UPDATE SET owner = excluded.owner",
+                (key_id, owner),
+            )
+            status = self._status(conn, key_id, name)
+        logger.info("detection owner of %s set to %r", key_id, owner)
+        return status
+
+    def clear(self, key_id: str) -> KeyDetection:
+        """Unflag the key's scope and forget its fingerprints (an admin's decision)."""
+        name = self._key_name(key_id)
+        with self._transaction() as conn:
+            scope = self._scope_of(key_id, self._owner(conn, key_id))
+            conn.execute(
+                "UPDATE detection_scopes SET flagged_at = NULL, flag_query = NULL, flag_key = NULL, "
+                "flag_reason = NULL WHERE scope = ?",
+                (scope,),
+            )
+            conn.execute("DELETE FROM detection_fingerprints WHERE scope = ?", (scope,))
+            index = self._indexes.pop(scope, None)
+            next_row = 0 if index is None else index.next_row
+            if index is None:
+                row = conn.execute("SELECT next_row FROM detection_scopes WHERE scope = ?", (scope,)).fetchone()
+                next_row = 0 if row is None else int(row["next_row"])
+            # Rows keep counting up, so the index starts empty at the same row number.
+            conn.execute("UPDATE detection_scopes SET next_row = ? WHERE scope = ?", (next_row, scope))
+            status = self._status(conn, key_id, name)
+        if self._on_screen is not None:
+            self._on_screen(key_id, name, 0, 0, False)
+        logger.info("detection state of %s (%s) cleared by an admin", key_id, scope)
+        return status
+
+    def resident_bytes(self) -> int:
+        """Bytes the resident indexes hold now (bounded by ``max_resident * scope_bytes()``)."""
+        with self._lock:
+            return sum(index.nbytes() for index in self._indexes.values())
+
+    def resident_scopes(self) -> list[str]:
+        with self._lock:
+            return list(self._indexes)
+
+    def db_path(self) -> str:
+        return str(self._path)
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+            self._ledger.close()
+
+
+# ---------------------------------------------------------------------- the actor
+def _actor_name(ledger_config: Any) -> str:
+    return f"{ledger_config.actor_name}-detector"
+
+
+def get_detector(ledger_config: Any, config: DetectionConfig | None = None):
+    """The detector actor beside the ledger of ``ledger_config``, created (detached) when none
+    is alive; it restarts by itself and reloads its sqlite file, like the ledger."""
+    import ray
+
+    from clusterattack.serving.metrics import record_detection_flag, record_detection_screen
+
+    options: dict[str, Any] = {
+        "name": _actor_name(ledger_config),
+        "namespace": ledger_config.namespace,
+        "lifetime": "detached",
+        "get_if_exists": True,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+        "num_cpus": 0,
+    }
+    if ledger_config.pin_to_head:
+        options["resources"] = {"node:__internal_head__": 0.001}
+    return (
+        ray.remote(QueryDetector)
+        .options(**options)
+        .remote(
+            detector_db_path(ledger_config.db_path),
+            ledger_config.db_path,
+            config or DetectionConfig(),
+            on_flag=record_detection_flag,
+            on_screen=record_detection_screen,
+        )
+    )
+
+
+def kill_detector(ledger_config: Any, *, no_restart: bool = True) -> bool:
+    """Kill the detector actor (its state stays on disk); False when none was running."""
+    import ray
+
+    try:
+        actor = ray.get_actor(_actor_name(ledger_config), namespace=ledger_config.namespace)
+    except ValueError:
+        return False
+    ray.kill(actor, no_restart=no_restart)
+    return True
+
+
+class DetectorAdmin:
+    """Blocking calls on the detector actor from a driver (jobs, benchmarks, tests)."""
+
+    def __init__(self, ledger_config: Any, config: DetectionConfig | None = None, *, timeout_s: float = 60.0) -> None:
+        self._ledger_config = ledger_config
+        self._config = config
+        self._timeout_s = timeout_s
+        self._actor = get_detector(ledger_config, config)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        import ray
+
+        for attempt in range(3):
+            try:
+                return ray.get(getattr(self._actor, method).remote(*args), timeout=self._timeout_s)
+            except ServingError as exc:
+                raise unwrap_error(exc) from None
+            except Exception as exc:
+                if not _is_actor_gone(exc) or attempt == 2:
+                    raise
+                logger.warning("detector actor gone (%s); recreating it", type(exc).__name__)
+                self._actor = get_detector(self._ledger_config, self._config)
+        raise AssertionError("unreachable")
+
+    def list_keys(self, flagged_only: bool = False) -> list[KeyDetection]:
+        return self._call("list_keys", flagged_only)
+
+    def key_status(self, key_id: str) -> KeyDetection:
+        return self._call("key_status", key_id)
+
+    def set_owner(self, key_id: str, owner: str | None) -> KeyDetection:
+        return self._call("set_owner", key_id, owner)
+
+    def clear(self, key_id: str) -> KeyDetection:
+        return self._call("clear", key_id)
+
+    def resident_bytes(self) -> int:
+        return self._call("resident_bytes")
+
+    def fingerprint_spec(self) -> FingerprintSpec:
+        return self._call("fingerprint_spec")
+
+
+class AsyncDetectorClient(AsyncLedgerClient):
+    """The replicas' view of the detector: ``screen`` calls coalesced into waves, retried
+    across the actor's death (safe: a repeated request id is recorded once)."""
+
+    COALESCED = ("screen",)
+    SERVICE = "query detector"
+
+    def __init__(self, ledger_config: Any, config: DetectionConfig, *, attempts: int = 3) -> None:
+        self.detection = config
+        super().__init__(ledger_config, attempts=attempts)
+
+    def _connect(self):
+        return get_detector(self.config, self.detection)
+
+
+class DetectionGate:
+    """A replica's detector hook: fingerprint the request's images, screen them, apply the policy.
+
+    ``screen`` raises :class:`QueryBlocked` under ``block`` when the key is flagged; under
+    ``flag`` it logs the flag and lets the request through. Call it before the ledger
+    reserves anything, so a blocked request is never charged.
+    """
+
+    def __init__(self, config: DetectionConfig, ledger_config: Any, app: str, mode: str) -> None:
+        from clusterattack.serving.metrics import DetectionMetrics
+
+        if not config.enabled:
+            raise ValueError("a DetectionGate needs policy 'flag' or 'block', got 'off'")
+        self.config = config
+        self.policy = config.policy
+        self._app = app
+        self._client = AsyncDetectorClient(ledger_config, config)
+        self._metrics = DetectionMetrics(app, mode)
+        self._spec: FingerprintSpec | None = None
+
+    async def spec(self) -> FingerprintSpec:
+        if self._spec is None:
+            spec = await self._client.call("fingerprint_spec")
+            if spec.public() != self.config.spec().public():
+                logger.warning(
+                    "app %s asked for fingerprints %s but the shared detector uses %s: using the detector's",
+                    self._app, self.config.spec().public(), spec.public(),
+                )
+            self._spec = spec
+        return self._spec
+
+    async def screen(self, key_hash: str, request_id: str, images: np.ndarray) -> Verdict:
+        spec = await self.spec()
+        loop = asyncio.get_running_loop()
+        fps = await loop.run_in_executor(None, fingerprints, images, spec)
+        verdict: Verdict = await self._client.call("screen", key_hash, request_id, fps, self.policy)
+        self._metrics.screened(verdict)
+        if verdict.newly_flagged:
+            logger.warning(
+                "app %s: key %s flagged by query detection (policy %s): %s",
+                self._app, verdict.key_id, self.policy, verdict.reason,
+            )
+        if verdict.blocked:
+            raise QueryBlocked(
+                f"key {verdict.key_id} is blocked by query detection: {verdict.reason}; nothing was "
+                f"charged; an admin can clear it (POST /admin/keys/{verdict.key_id}/detection/clear)",
+                key_id=verdict.key_id,
+            )
+        return verdict
+
