@@ -1,17 +1,21 @@
-"""Save and load victims: local checkpoint files, MLflow model URIs, or registry names by (model, dataset).
+"""Save and load victims: local checkpoint files, MLflow model URIs, registry names, any victim spec.
 
 ``load_victim(source)`` is what every later job calls (serving, attacks, defenses):
 
 - a path to a file written by ``save_victim``;
-- ``models:/<name>/<version|latest>`` or ``runs:/<run_id>/model`` (MLflow);
+- ``models:/<name>/<version|latest>`` or ``runs:/<run_id>/model`` (MLflow; a model that is
+  not a ``ClusteringModel`` is used through its pyfunc);
 - a registered name such as ``victim-cc-fashion_mnist``, or ``cc/fashion_mnist``, or the
-  tuple ``("cc", "fashion_mnist")``: the newest registered version.
+  tuple ``("cc", "fashion_mnist")``: the newest registered version;
+- any other victim specification (``py:``, ``onnx:``, ``torchscript:``, ``adapter:``,
+  ``http(s)://``): see :mod:`clusterattack.victims.sources`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,42 +58,36 @@ def _load_file(path: Path, device: torch.device) -> ClusteringModel:
     return model.to(device).eval()
 
 
-def _registry_uri(source: str | tuple[str, str]) -> str | None:
+def load_builtin_victim(target: str | Path, device: str | torch.device = "cpu") -> ClusteringModel:
+    """A victim of this package: a ``save_victim`` file or a registered ``victim-<model>-<dataset>``."""
     from clusterattack import tracking
 
-    if isinstance(source, tuple):
-        if len(source) != 2:
-            raise ValueError(f"a registry source is (model, dataset), got {source!r}")
-        return tracking.model_uri(tracking.registered_name(*source))
-    if source.startswith(("models:/", "runs:/")):
-        return source
-    if source.startswith("victim-"):
-        return tracking.model_uri(source)
-    if source.count("/") == 1 and not Path(source).exists():
-        return tracking.model_uri(tracking.registered_name(*source.split("/")))
-    return None
-
-
-def load_victim(
-    source: str | Path | tuple[str, str], device: str | torch.device = "cpu"
-) -> ClusteringModel:
-    """A trained victim in eval mode on ``device`` from a file, an MLflow URI, or a registry name."""
     dev = torch.device(device)
-    if isinstance(source, Path) or (isinstance(source, str) and Path(source).is_file()):
-        return _load_file(Path(source), dev)
-    if not isinstance(source, str | tuple):
-        raise TypeError(
-            f"victim source must be a path, an MLflow URI or a registry name, got {type(source).__name__}"
-        )
-    uri = _registry_uri(source)
-    if uri is None:
+    path = Path(target)
+    if path.is_file():
+        return _load_file(path, dev)
+    target = str(target)
+    if not target.startswith("victim-"):
         raise ValueError(
-            f"cannot resolve victim source {source!r}: expected an existing file, 'models:/<name>/<version>', "
-            "'runs:/<id>/model', 'victim-<model>-<dataset>' or '<model>/<dataset>'"
+            f"cannot resolve victim source {target!r}: no such file, and not 'models:/<name>/<version>', "
+            "'runs:/<id>/model', 'victim-<model>-<dataset>', '<model>/<dataset>' or another victim "
+            "specification (py:, onnx:, torchscript:, adapter:, http(s)://; see docs/own-model.md)"
         )
-    from clusterattack import tracking
-
+    uri = tracking.model_uri(target)
     model = tracking.load_model(uri, dev)
     if not isinstance(model, ClusteringModel):
         raise TypeError(f"{uri} holds a {type(model).__name__}, not a ClusteringModel victim")
     return model.to(dev).eval()
+
+
+def load_victim(source: str | Path | tuple[str, str], device: str | torch.device = "cpu", **kwargs: Any) -> Any:
+    """The victim ``source`` names, checked, on ``device``: any victim specification.
+
+    A file from ``save_victim``, an MLflow URI, a registered name or ``(model, dataset)`` give
+    a ``ClusteringModel`` in eval mode as before; ``py:``, ``onnx:``, ``torchscript:``,
+    ``adapter:``, ``http(s)://`` and MLflow pyfunc models give what
+    :func:`clusterattack.victims.sources.resolve_victim` (which takes ``kwargs``) returns.
+    """
+    from clusterattack.victims.sources import resolve_victim
+
+    return resolve_victim(source, device=device, **kwargs)
