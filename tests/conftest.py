@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,22 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def _checkout_head() -> str:
+    """The commit of the checkout the tests run from, by git itself ("" outside a checkout)."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=20,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# Read once, before any test imports the package: what the source tags of its runs must
+# name. (Read later, HEAD could have moved under a long session by a commit made beside it.)
+os.environ.setdefault("CLUSTERATTACK_TEST_HEAD", _checkout_head())
 
 
 def free_port() -> int:

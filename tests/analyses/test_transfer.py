@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clusterattack.analyses import NormCurvesConfig, TransferConfig, run_norm_curves, run_transfer
-from clusterattack.analyses.common import resolve_generator
+from clusterattack.analyses.common import attack_pool_size, resolve_generator
 from clusterattack.attacks import evaluate_generator
 from tests.analyses.conftest import tiny_attack
 
@@ -76,6 +76,18 @@ def test_given_generator_is_used_and_not_retrained(tmp_path, blobs, victims):
 def test_bad_transfer_config_is_rejected(tmp_path, changes, match):
     with pytest.raises(ValueError, match=match):
         _transfer_config(tmp_path, **changes)
+
+
+def test_attack_pool_size_covers_the_surrogate_distillation():
+    # Known values, not the formula: a surrogate distilling on 1,000 queried images needs
+    # 1,000 training images even when the generator trains on 320.
+    whitebox = tiny_attack(train_limit=320)
+    surrogate = whitebox.override(gradient_source="surrogate", **{"surrogate.distill_queries": 1000})
+    assert attack_pool_size(whitebox) == 320
+    assert attack_pool_size(surrogate) == 1000
+    assert attack_pool_size(surrogate.override(train_limit=2000)) == 2000
+    assert attack_pool_size(surrogate.override(gradient_source="estimate")) == 320
+    assert attack_pool_size(surrogate.override(train_limit=None)) is None
 
 
 def test_unknown_generator_reference_names_the_value():

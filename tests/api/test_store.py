@@ -13,7 +13,7 @@ from clusterattack.api.errors import (
     TooManyAlbums,
 )
 from clusterattack.api.store import AlbumStore, StoreLimits
-from clusterattack.serving.errors import BadRequest
+from clusterattack.serving.errors import BadRequest, ServingError
 
 
 class Clock:
@@ -144,8 +144,9 @@ def test_the_byte_cap_bounds_memory_and_configure_changes_limits(clock):
     with pytest.raises(AlbumStoreFull, match="cannot take"):
         store.add("key_a", token, np.zeros((16, 16), np.float32), "r2")
     assert store.stats()["bytes"] == 640
-    with pytest.raises(Exception, match="model changed"):
+    with pytest.raises(ServingError, match=r"holds records of float32 \(16,\), got float32 \(8,\): the service's model changed") as info:
         store.add("key_a", token, np.zeros((1, 8), np.float32), "r3")
+    assert info.type is ServingError  # a server fault (500), not one of the client's 4xx subclasses
     store.configure(StoreLimits(max_store_bytes=10_000))
     store.add("key_a", token, np.zeros((16, 16), np.float32), "r2")
     assert store.detail("key_a", token)["image_count"] == 20

@@ -127,8 +127,11 @@ def test_attack_run_names_tell_apart_what_changes_the_attack():
     # Fine-tuning on augmented adversarial images was the behaviour before; a run asking for it says so.
     ftaug = base.override(**{"surrogate.finetune_augment": True})
     assert attack_run_name("ruc", ftaug) == "ruc-surrogate-linf-eps0.1-ftaug-s0"
-    plain = base.override(**{"surrogate.augment": not SurrogateConfig.augment})
-    assert attack_run_name("ruc", plain) == f"ruc-surrogate-linf-eps0.1-{'aug' if plain.surrogate.augment else 'noaug'}-s0"
+    # The surrogate is distilled on shifted and flipped images by default; a run without says so.
+    assert base.surrogate.augment is True
+    plain = base.override(**{"surrogate.augment": False})
+    assert attack_run_name("ruc", plain) == "ruc-surrogate-linf-eps0.1-noaug-s0"
+    assert attack_run_name("ruc", base.override(**{"surrogate.augment": True})) == "ruc-surrogate-linf-eps0.1-s0"
     margin = base.override(attack_loss="margin", margin_kappa=2.0, mi_temperature=0.3)
     assert attack_run_name("ruc", margin) == "ruc-surrogate-linf-eps0.1-margin-k2-s0"
     black = base.override(

@@ -64,7 +64,7 @@ def test_estimate_costs_one_plus_two_q_queries_per_image(victim, blobs):
     cfg = EstimatorConfig(samples=3)
     x = blobs[0][:10].clone().requires_grad_()
     EstimateSource(counted, cfg, seed=0, query_batch=16).memberships(x).sum().backward()
-    assert counted.image_queries == 10 * cfg.queries_per_image()
+    assert counted.image_queries == 10 * (1 + 2 * 3) == 70  # 10 images, q = 3 pairs each
     assert counted.calls == 1 + -(-60 // 16)  # the 10 points, then 60 in calls of 16
 
 

@@ -176,7 +176,9 @@ def test_batches_are_calls_of_the_batch_size_kept_in_flight():
 def test_query_memberships_sends_a_served_victim_all_its_batches_at_once():
     from clusterattack.attacks.gradients import query_memberships
 
-    fake = FakeTransport(budget=40, delay_s=0.01)
+    # The gate holds each call until both are in flight: overlap is required, not left to a
+    # 10 ms sleep (which a busy machine could outlast, making max_in_flight 1 by chance).
+    fake = FakeTransport(budget=40, gate=2)
     victim = ServedVictim(fake, "key", chunk_size=8, max_in_flight=4)
     out = query_memberships(victim, images(24), 16)
     assert out.shape == (24, 3) and sorted(n for _, n in fake.calls) == [8, 16]
@@ -199,8 +201,13 @@ def test_labels_mode_refuses_scores():
 def test_bad_images_are_refused_before_any_query():
     fake = FakeTransport()
     victim = ServedVictim(fake, "key")
-    for bad in (images(2) * 2, images(2)[:, :, :2], images(2).double().long()):
-        with pytest.raises((ValueError, TypeError)):
+    refused = [
+        (images(2) * 2, r"images must be finite and lie in \[0, 1\]"),
+        (images(2)[:, :, :2], r"images must have shape N x 1 x 4 x 4, got \(2, 1, 2, 4\)"),
+        (images(2).double().long(), r"images must be floating point in \[0, 1\], got dtype torch.int64"),
+    ]
+    for bad, fault in refused:
+        with pytest.raises(ValueError, match=fault):
             victim.predict_proba(bad)
     assert fake.calls == [] and victim.image_queries == 0
     assert victim.predict_proba(images(0)).shape == (0, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 from pathlib import Path
 
@@ -64,8 +65,15 @@ def test_source_tags_say_which_commit_and_whether_the_code_differed(tmp_path):
     (repo / "pkg" / "code.py").write_text("x = 3\n")
     assert tags()[store.SOURCE_DIFF_TAG] != dirty[store.SOURCE_DIFF_TAG]
     assert store.read_source_tags(tmp_path / "no-checkout") == {}
-    # What a run records is what was read when the package was imported.
-    assert tracking.source_tags() == store._SOURCE_TAGS and tracking.source_tags() is not store._SOURCE_TAGS
+    # What a run records is the commit of the checkout the package was imported from, as
+    # git named it when the session started (tests/conftest.py), and a consistent dirty flag.
+    recorded = tracking.source_tags()
+    assert len(os.environ["CLUSTERATTACK_TEST_HEAD"]) == 40  # this suite runs from a git checkout
+    assert recorded[store.SOURCE_COMMIT_TAG] == os.environ["CLUSTERATTACK_TEST_HEAD"]
+    assert recorded[store.SOURCE_DIRTY_TAG] in ("true", "false")
+    assert (store.SOURCE_DIFF_TAG in recorded) == (recorded[store.SOURCE_DIRTY_TAG] == "true")
+    recorded[store.SOURCE_COMMIT_TAG] = "changed by a caller"
+    assert tracking.source_tags()[store.SOURCE_COMMIT_TAG] == os.environ["CLUSTERATTACK_TEST_HEAD"]
 
 
 def test_flatten_params_uses_dotted_keys():
@@ -103,7 +111,7 @@ def test_every_victim_round_trips_through_the_mlflow_registry(tiny, tiny_data, m
             torch.testing.assert_close(loaded.predict_proba(x), expected[name])
     # Every run says which code made it (this test runs from a git checkout, as CI does).
     run_tags = tracking.client().get_run(run_id).data.tags
-    assert run_tags["clusterattack.git_commit"] == tracking.source_tags()["clusterattack.git_commit"]
+    assert run_tags["clusterattack.git_commit"] == os.environ["CLUSTERATTACK_TEST_HEAD"]
     assert run_tags["clusterattack.git_dirty"] in ("true", "false")
     artifacts = Path(tracking.artifact_root(mlflow_uri).removeprefix("file://"))
     assert artifacts.is_dir() and any(artifacts.rglob("victim_config.json"))
