@@ -24,12 +24,12 @@ import torch
 from clusterattack.attacks import AttackConfig, CountingVictim, run_attack
 from clusterattack.attacks.config import (
     ATTACK_LOSSES,
-    ATTACK_RECIPES,
     GAN_LOSSES,
     GRADIENT_SOURCES,
     NORMS,
 )
 from clusterattack.attacks.io import save_generator
+from clusterattack.attacks.recipes import RECIPES, apply_recipe
 from clusterattack.cli import key_value
 from clusterattack.precision import PRECISIONS
 from clusterattack.victims.training import atomic_save
@@ -52,10 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", required=True, help="data set the victim was trained on, e.g. fashion_mnist")
     p.add_argument("--gradient-source", choices=GRADIENT_SOURCES, default="surrogate")
     p.add_argument(
-        "--recipe", choices=tuple(ATTACK_RECIPES), default="default",
-        help="strong: the README's black-box settings (8 epochs over every training image, two "
-        "surrogates on attacker backbones of their own, 7 refresh rounds; estimate: their gradient "
-        "as prior, one random pair); flags and --set override it",
+        "--recipe", choices=tuple(RECIPES), default="default",
+        help="named attack settings (clusterattack.attacks.recipes): "
+        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
+        + "; flags and --set override it",
     )
     p.add_argument("--norm", choices=NORMS, default="linf")
     p.add_argument("--eps", type=float, default=0.1)
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace) -> AttackConfig:
     """The AttackConfig the flags describe (validated): the recipe, then the flags, then ``--set``."""
     changes: dict[str, Any] = {
-        **ATTACK_RECIPES[args.recipe],
+        **apply_recipe(args.recipe),
         "gradient_source": args.gradient_source,
         "norm": args.norm,
         "eps": args.eps,

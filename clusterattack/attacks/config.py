@@ -10,7 +10,6 @@ from clusterattack.precision import check_precision
 
 __all__ = [
     "ATTACK_LOSSES",
-    "ATTACK_RECIPES",
     "GAN_LOSSES",
     "GRADIENT_SOURCES",
     "NORMS",
@@ -29,27 +28,6 @@ SURROGATE_LOSSES = ("kl", "kl_logit")
 SURROGATE_ARCHS = ("convnet", "small", "pretext")
 SURROGATE_BACKBONES = ("shared", "distinct")
 DIVERSITIES = ("none", "shift", "shift_flip", "crop_flip")
-
-# Named sets of AttackConfig overrides (dotted keys as ``AttackConfig.override`` takes them).
-# ``strong`` is the black-box recipe of the README's results: the generator sees every training
-# image for 8 epochs, the surrogate is two members on attacker backbones of their own (a SimCLR
-# each, trained once and cached) refreshed in 7 rounds, and the estimate mode measures the
-# victim's slope along that ensemble's gradient with one random pair. It costs two attacker
-# pretexts (about 10 min each on one CPU thread for Fashion-MNIST) and, on Fashion-MNIST's
-# 60,000 training images, 575,000 image-queries in the surrogate mode and 2,460,000 in the
-# estimate mode. Soft victims (MiCE, RUC) also want ``mi_temperature=0.3``.
-ATTACK_RECIPES: dict[str, dict[str, Any]] = {
-    "default": {},
-    "strong": {
-        "epochs": 8,
-        "surrogate.arch": "pretext",
-        "surrogate.ensemble": 2,
-        "surrogate.backbones": "distinct",
-        "surrogate.refresh_rounds": 7,
-        "estimator.prior": "surrogate",
-        "estimator.samples": 1,
-    },
-}
 
 
 def _positive(name: str, value: float) -> None:

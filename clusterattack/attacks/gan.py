@@ -106,6 +106,9 @@ class AttackResult:
     calls_at_convergence: int | None = None
     seconds: float = 0.0
     selected_epoch: int | None = None  # the epoch whose generator was kept (select_images)
+    # Image-queries of the selection hold-out (its clean memberships, then one query per image
+    # per epoch), as the victim's own counter moved; included in ``image_queries``.
+    selection_image_queries: int | None = None
 
     @property
     def epochs_run(self) -> int:
@@ -133,6 +136,7 @@ class AttackResult:
             "calls_at_convergence": self.calls_at_convergence,
             "calls_256_at_convergence": calls_of(self.image_queries_at_convergence, 256),
             "selected_epoch": self.selected_epoch,
+            "selection_image_queries": self.selection_image_queries,
             "train_seconds": round(self.seconds, 2),
         }
 
@@ -272,6 +276,7 @@ def train_generator(
     pool, held, n_train = training_split(images, config, rng)
     held_clean: torch.Tensor | None = None
     best: dict[str, Any] | None = None
+    selection_used = 0  # image-queries of the hold-out so far (0 when the counter is missing)
 
     generator = Generator(shape, config.generator_width, config.generator_blocks).to(device)
     discriminator = Discriminator(shape, config.discriminator_width).to(device)
@@ -291,6 +296,7 @@ def train_generator(
                 f"{(pool.shape[0], victim.num_clusters)}: it was made with another config or data set"
             )
         held_clean, best = resume.get("held_clean"), resume.get("selection")
+        selection_used = _as_count(resume.get("selection_queries")) or 0
 
     def counts_so_far() -> tuple[int | None, int | None]:
         used = _counts_since(victim, start_counts)
@@ -309,7 +315,9 @@ def train_generator(
         if clean is None:
             clean = query_memberships(victim, pool, config.query_batch)
         if held is not None and held_clean is None:
+            before = read_counts(victim)
             held_clean = query_memberships(victim, held, config.query_batch).argmax(1)
+            selection_used += _counts_since(victim, before)[0] or 0
         _warn_if_soft(clean, config)
         source_state = None if resume is None else resume.get("source")
         if source_state:
@@ -346,8 +354,11 @@ def train_generator(
             row["epoch"] = float(epoch)
             row.update(source.end_of_epoch(epoch, perturb, train_x))
             if held is not None:
+                before = read_counts(victim)
                 score = _selection_score(victim, perturb(held), held_clean, config)
+                selection_used += _counts_since(victim, before)[0] or 0
                 row["select_score"] = score
+                row["select_image_queries"] = float(selection_used)
                 if best is None or score < best["score"]:
                     best = {"epoch": epoch, "score": score, "generator": _copy_state(generator)}
             used = counts_so_far()
@@ -376,6 +387,7 @@ def train_generator(
                     "clean": clean,
                     "held_clean": held_clean,
                     "selection": best,
+                    "selection_queries": selection_used,
                     "source": source.state_dict(),
                 }
                 if on_epoch_end(result, state) and not converged_stop:
@@ -398,6 +410,8 @@ def train_generator(
         generator.eval()
         discriminator.eval()
         result.image_queries, result.calls = counts_so_far()
+        if held is not None and result.image_queries is not None:
+            result.selection_image_queries = selection_used
         result.seconds = time.perf_counter() - started
     return result
 

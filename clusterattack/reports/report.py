@@ -169,9 +169,12 @@ TABLE1_COLUMNS = (
     Column("gradient_source", "gradient source", "text"),
     Column("norm", "norm", "text"),
     Column("eps", "eps"),
-    Column("seed", "seed", "text"),
+    Column("selection", "selection", "text", "label_free: chosen on the attacker's own hold-out; oracle: on test labels"),
+    Column("seeds", "seeds", "text", "the seed runs averaged in this row"),
     Column("nmi", "NMI pre → post", "arrow"),
+    Column("nmi_post_std", "± std", "num", "standard deviation of the post-attack NMI over seeds"),
     Column("nmi_drop", "NMI drop", "pct", "relative drop (pre - post) / pre"),
+    Column("nmi_drop_std", "± std", "pct"),
     Column("ari", "ARI pre → post", "arrow"),
     Column("ari_drop", "ARI drop", "pct"),
     Column("acc", "ACC pre → post", "arrow"),
@@ -193,8 +196,12 @@ TABLE2_COLUMNS = (
     Column("gradient_source", "gradient source", "text"),
     Column("norm", "norm", "text"),
     Column("eps", "eps"),
-    Column("seed", "seed", "text"),
-    Column("image_queries", "image-queries", "int"),
+    Column("selection", "selection", "text"),
+    Column("seeds", "seeds", "text"),
+    Column("image_queries", "image-queries", "int", "mean over the seed runs, selection queries included"),
+    Column("image_queries_std", "± std", "int"),
+    Column("selection_image_queries", "of which selection", "int", "the attacker's hold-out: clean once, then per epoch"),
+    Column("scoring_image_queries", "scoring (apart)", "int", "the experimenter's test-split queries, not the attack's"),
     Column("calls", "calls", "int"),
     Column(
         "calls_256",
@@ -206,8 +213,9 @@ TABLE2_COLUMNS = (
     Column("image_queries_at_convergence", "image-queries at convergence", "int"),
     Column("calls_256_at_convergence", "calls of 256 at convergence", "int"),
     Column("budget", "budget (image-queries)", "int"),
-    Column("sweep_trials", "trials", "int"),
-    Column("sweep_image_queries", "image-queries of all trials", "int"),
+    Column("search_trials", "search trials", "int"),
+    Column("search_image_queries", "image-queries of the search", "int"),
+    Column("sweep_image_queries", "search + seed runs", "int", "everything the attacker asked for this row"),
     Column("run_id", "MLflow run", "text"),
 )
 
@@ -227,12 +235,16 @@ TABLE3_COLUMNS = (
 )
 
 
+def _row_id(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row.get(k) for k in ("model", "dataset", "gradient_source", "eps", "selection"))
+
+
 def _table1_rows(tables: SweepTables) -> list[dict[str, Any]]:
-    """Table 1 rows with the query counts of the matching Table 2 row (same model and dataset)."""
-    queries = {(r.get("model"), r.get("dataset")): r for r in tables.table2}
+    """Table 1 rows with the query counts of the matching Table 2 row (same victim, source and eps)."""
+    queries = {_row_id(r): r for r in tables.table2}
     rows = []
     for row in tables.table1:
-        q = queries.get((row.get("model"), row.get("dataset")), {})
+        q = queries.get(_row_id(row), {})
         rows.append({**{k: q.get(k) for k in ("image_queries", "calls", "calls_256")}, **row})
     return rows
 
@@ -255,9 +267,11 @@ def _sweep_sections(data: ReportData) -> list[Section]:
         [tables.parent_run_id],
     )
     note1 = (
-        "<p class=\"note\">Best trial per victim (by the sweep's objective); scores on the sweep's fixed test "
-        "subset. Drop = (pre - post) / pre. Each row's run id is the best trial's child run; the tables are "
-        "artifacts <code>tables/table1_attack.*</code> of the sweep's parent run.</p>"
+        "<p class=\"note\">One row per victim, gradient source and eps: the best search trial of that eps "
+        "(by the row's selection objective), trained again with the seeds shown and scored on the sweep's "
+        "fixed test subset; mean ± standard deviation over seeds. Drop = (pre - post) / pre. Each row's run "
+        "id is its chosen search trial's child run; the tables are artifacts "
+        "<code>tables/table1_attack.*</code> of the sweep's parent run.</p>"
     )
     note2 = (
         '<p class="note">Image-queries are images sent to the victim while training the best generator; calls '

@@ -244,7 +244,10 @@ def _breakdowns(
     samples: dict[str, Any] = {}
     for row in tables.table1:
         key = f"{row['model']}-{row['dataset']}"
-        registered = tables.generators.get(key)
+        # A row names its own generator (one per gradient source and eps); older sweeps had one per victim.
+        registered = row.get("generator") or tables.generators.get(key)
+        if row.get("generator"):
+            key = f"{key}-{row.get('gradient_source')}-eps{float(row.get('eps') or 0):g}"
         if not registered:
             errors.append(f"{key}: the sweep registered no generator")
             continue
@@ -287,12 +290,13 @@ def _commands(tables: SweepTables | None, dataset: str | None) -> dict[str, str]
     if tables is None or not tables.table1:
         return default_commands(dataset or "<dataset>")
     rows = [r for r in tables.table1 if dataset is None or r.get("dataset") == dataset]
-    victims = [str(r["model"]) for r in rows]
-    generators = {
-        m: tables.generators[f"{m}-{dataset}"]
-        for m in victims
-        if f"{m}-{dataset}" in tables.generators
-    }
+    victims = list(dict.fromkeys(str(r["model"]) for r in rows))
+    generators: dict[str, str] = {}
+    # The headline radius (eps 0.1 where the sweep has it) names each victim's generator.
+    for row in sorted(rows, key=lambda r: abs(float(r.get("eps") or 0.0) - 0.1)):
+        registered = row.get("generator") or tables.generators.get(f"{row['model']}-{dataset}")
+        if registered and isinstance(registered, str):
+            generators.setdefault(str(row["model"]), registered)
     return default_commands(dataset or "<dataset>", victims, generators)
 
 

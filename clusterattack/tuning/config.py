@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clusterattack.attacks.config import AttackConfig, SurrogateConfig
-from clusterattack.tuning.space import DEFAULT_SPACE, ParamSpec, for_norm
+from clusterattack.tuning.space import DEFAULT_SPACE, ParamSpec
 
 __all__ = [
     "BLACK_BOX_SOURCES",
+    "L2_EPS_GRID",
     "METRIC",
     "MODE",
+    "OBJECTIVES",
     "PAPER_DATASETS",
     "PRESETS",
     "TIME_ATTRS",
@@ -28,15 +30,28 @@ PRESETS = ("tiny", "demo", "paper")
 TIME_ATTRS = ("epoch", "image_queries")
 #: Trials reach the victim through ``ServedVictim`` only, so only the black-box sources apply.
 BLACK_BOX_SOURCES = ("estimate", "surrogate")
-#: What ASHA and the best-trial choice optimise: post-attack NMI on the fixed test subset.
-METRIC = "nmi_post"
+#: How trials, epochs and seeds are chosen. "label_free": the attacker's own score, the NMI
+#: between the victim's clean and perturbed assignments of images it holds out of its pool,
+#: asked with queries charged to the trial's key; no label is read until the final generators
+#: are scored on the test split. "oracle": post-attack NMI on the test subset with its labels
+#: (the paper's protocol, for comparison only; every record then says selection=oracle).
+OBJECTIVES = ("label_free", "oracle")
+#: The key every trial reports for ASHA and the best-trial choice: the objective's score
+#: (``select_score`` or ``nmi_post``, lower is a stronger attack).
+METRIC = "objective"
 MODE = "min"
+#: The eps grid of an L2 sweep when none is given: an L-inf radius of 0.1 on a 28 x 28 image
+#: is an L2 radius of up to 2.8, so these span weak to image-wide perturbations.
+L2_EPS_GRID = (0.5, 1.0, 2.0)
 #: Data sets the ``paper`` preset tries, in the paper's order then the offline ones; those
 #: not present on disk are skipped with a warning (``skip_missing_datasets``).
 PAPER_DATASETS = ("cifar10", "cifar20", "stl10", "fashion_mnist", "mnist5k")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Fields Tune must not sample: they say which attack this is, not how strong it is.
-_UNTUNABLE = ("gradient_source", "seed", "device", "epochs", "query_batch", "train_limit")
+# eps is a grid (``eps_grid``), not sampled: each eps value gets its own best trial.
+_UNTUNABLE = (
+    "gradient_source", "seed", "device", "epochs", "query_batch", "train_limit", "select_images", "eps",
+)  # fmt: skip
 
 
 def _int(name: str, value: Any, minimum: int) -> None:
@@ -55,22 +70,37 @@ def _number(name: str, value: Any, minimum: float, strict: bool = False) -> None
 class SweepConfig:
     """Everything one sweep needs: which victims, which attack, which space, what resources.
 
+    For each target and gradient source the sweep runs one Tune experiment: every eps of
+    ``eps_grid`` crossed with ``num_samples`` draws of the space (alpha_a, alpha_c, ...),
+    ASHA comparing trials of the same eps only. The best trial of each eps (by
+    ``objective``) is then trained again from scratch with ``seeds`` fresh seeds, and those
+    runs, scored on the test split, make Table 1 and Table 2 (mean and spread over seeds).
+
     Args:
         preset_name: the preset it started from ("tiny", "demo", "paper"); recorded, not used.
-        targets: (model, dataset) victims, each swept by its own Tune experiment.
-        space: the tuned AttackConfig fields (see :mod:`clusterattack.tuning.space`).
-        attack: the attack every trial starts from; sampled fields override it. Its
-            ``gradient_source`` (black-box only), ``norm``, ``epochs`` (generator epochs
-            per trial) and ``seed`` hold for the whole sweep.
-        budget: image-queries each trial's API key may spend (the ledger enforces it).
-        num_samples: trials per target.
+        targets: (model, dataset) victims, each swept by its own Tune experiments.
+        space: the sampled AttackConfig fields (see :mod:`clusterattack.tuning.space`); eps is
+            not among them: it is ``eps_grid``.
+        attack: the attack every trial starts from (its preset, then ``recipe``, then flags);
+            sampled fields override it. Its ``norm``, ``epochs`` (generator epochs per
+            trial), ``select_images`` (the attacker's hold-out) and ``seed`` hold for the
+            whole sweep; its ``gradient_source`` is replaced by each of ``gradient_sources``.
+        recipe: the named attack recipe ``attack`` was built with (recorded).
+        gradient_sources: black-box gradient sources, each swept on its own.
+        eps_grid: the perturbation radii (in ``attack.norm``); one Table 1 row per value.
+        objective: "label_free" (the attacker's own score on its hold-out, paid in queries)
+            or "oracle" (post-attack NMI on the labelled test subset: the paper's protocol,
+            for comparison only).
+        seeds: fresh seeds the best configuration of each eps is trained again with.
+        budget: image-queries each trial's and each seed run's API key may spend.
+        num_samples: trials per target, gradient source and eps value.
         time_attr: ASHA's resource, "epoch" (generator epochs) or "image_queries".
         max_t: ASHA's largest resource per trial (default: ``attack.epochs`` for epochs,
             ``budget`` for image-queries); grace_period and reduction_factor as in ASHA.
         cpus_per_trial, gpus_per_trial: resources each trial asks Ray for; as many trials
             run at once as the cluster holds, capped by ``max_concurrent`` when set.
         max_failures: times a failed trial is retried from its latest checkpoint.
-        eval_limit: test images (fixed seeded subset) scored after every epoch.
+        eval_limit: test images (fixed seeded subset) the final generators are scored on.
         victim_preset, victim_epochs, victim_train_limit: how a victim missing from the
             registry is trained (``clusterattack.victims`` presets "demo"/"full").
         data_dir: where data sets are stored as Parquet (``<data_dir>/<dataset>``).
@@ -79,14 +109,19 @@ class SweepConfig:
         replica_cpus, replica_gpus: resources of each victim's Serve replica.
         serve_host, serve_port: Serve's HTTP address (the victims answer there as well).
         object_store_mb: object store size of a Ray started by the sweep itself.
-        register_generators: log and register the best generator per target.
+        register_generators: log and register the final generator of each eps.
         skip_missing_datasets: skip targets whose data set is not on disk instead of failing.
     """
 
     preset_name: str = "demo"
     targets: tuple[tuple[str, str], ...] = (("cc", "fashion_mnist"), ("scan", "fashion_mnist"))
     space: tuple[ParamSpec, ...] = DEFAULT_SPACE
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(select_images=512))
+    recipe: str = "default"
+    gradient_sources: tuple[str, ...] = ("surrogate",)
+    eps_grid: tuple[float, ...] = (0.1,)
+    objective: str = "label_free"
+    seeds: int = 2
     budget: int = 100_000
     num_samples: int = 6
     time_attr: str = "epoch"
@@ -131,11 +166,7 @@ class SweepConfig:
             raise ValueError(f"targets must not repeat, got {self.targets!r}")
         if not isinstance(self.attack, AttackConfig):
             raise ValueError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
-        if self.attack.gradient_source not in BLACK_BOX_SOURCES:
-            raise ValueError(
-                f"gradient_source must be a black-box source {BLACK_BOX_SOURCES} (trials see the victim "
-                f"only through its served API), got {self.attack.gradient_source!r}"
-            )
+        self._check_attack()
         self._check_space()
         _int("budget", self.budget, 1)
         _int("num_samples", self.num_samples, 1)
@@ -189,6 +220,43 @@ class SweepConfig:
             raise ValueError(f"serve_port must be a TCP port (1-65535), got {self.serve_port!r}")
         _int("object_store_mb", self.object_store_mb, 64)
 
+    def _check_attack(self) -> None:
+        from clusterattack.attacks.recipes import get_recipe
+
+        get_recipe(self.recipe)
+        sources = self.gradient_sources
+        if not isinstance(sources, tuple) or not sources or len(set(sources)) != len(sources):
+            raise ValueError(f"gradient_sources must be a non-empty tuple without repeats, got {sources!r}")
+        for source in sources:
+            if source not in BLACK_BOX_SOURCES:
+                raise ValueError(
+                    f"gradient source {source!r} is not black-box: trials see the victim only through its "
+                    f"served API, so it must be one of {BLACK_BOX_SOURCES}"
+                )
+        if self.attack.gradient_source not in BLACK_BOX_SOURCES:
+            raise ValueError(
+                f"attack.gradient_source must be a black-box source {BLACK_BOX_SOURCES}, "
+                f"got {self.attack.gradient_source!r}"
+            )
+        if not isinstance(self.eps_grid, tuple) or not self.eps_grid:
+            raise ValueError(f"eps_grid must be a non-empty tuple of radii, got {self.eps_grid!r}")
+        if len(set(self.eps_grid)) != len(self.eps_grid):
+            raise ValueError(f"eps_grid must not repeat a value, got {self.eps_grid!r}")
+        for eps in self.eps_grid:
+            try:
+                self.attack.override(eps=eps)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"eps_grid value {eps!r} is not a valid {self.attack.norm} radius: {err}") from err
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "label_free" and self.attack.select_images < 2:
+            raise ValueError(
+                "objective 'label_free' scores epochs and trials on images the attacker holds out of its "
+                f"pool, so attack.select_images must be >= 2 (e.g. --set select_images=512), got "
+                f"{self.attack.select_images}"
+            )
+        _int("seeds", self.seeds, 1)
+
     def _check_space(self) -> None:
         if not isinstance(self.space, tuple) or not self.space:
             raise ValueError(f"space must be a non-empty tuple of ParamSpec, got {self.space!r}")
@@ -222,9 +290,16 @@ class SweepConfig:
             return self.max_t
         return self.attack.epochs if self.time_attr == "epoch" else self.budget
 
-    @property
-    def gradient_source(self) -> str:
-        return self.attack.gradient_source
+    def attack_for(self, gradient_source: str) -> AttackConfig:
+        """The base attack of one gradient source's experiments (oracle runs hold nothing out)."""
+        changes: dict[str, Any] = {"gradient_source": gradient_source}
+        if self.objective == "oracle":
+            changes["select_images"] = 0
+        return self.attack.override(**changes)
+
+    def final_seeds(self) -> tuple[int, ...]:
+        """Seeds of the final runs: fresh ones, none of them the search trials' ``attack.seed``."""
+        return tuple(self.attack.seed + 1 + i for i in range(self.seeds))
 
     @property
     def norm(self) -> str:
@@ -239,18 +314,22 @@ class SweepConfig:
         """Training images each trial receives (None: the whole train split).
 
         The generator trains on ``attack.train_limit`` of them; a surrogate distils on
-        ``surrogate.distill_queries`` (the larger decides).
+        ``surrogate.distill_queries`` (the larger decides); ``attack.select_images`` more
+        are the attacker's hold-out.
         """
         if self.attack.train_limit is None:
             return None
-        if self.attack.gradient_source == "surrogate":
-            return max(self.attack.train_limit, self.attack.surrogate.distill_queries)
-        return self.attack.train_limit
+        pool = self.attack.train_limit
+        if "surrogate" in self.gradient_sources:
+            pool = max(pool, self.attack.surrogate.distill_queries)
+        return pool + self.attack.select_images
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested values (space as its text form), for MLflow params and the state file."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["targets"] = [list(t) for t in self.targets]
+        out["gradient_sources"] = list(self.gradient_sources)
+        out["eps_grid"] = list(self.eps_grid)
         out["space"] = [spec.describe() for spec in self.space]
         out["attack"] = self.attack.to_dict()
         return out
@@ -265,6 +344,9 @@ class SweepConfig:
             raise ValueError(f"unknown SweepConfig field(s) {unknown}; expected {sorted(own)}")
         if "targets" in data:
             data["targets"] = tuple(tuple(t) for t in data["targets"])
+        for key in ("gradient_sources", "eps_grid"):
+            if key in data:
+                data[key] = tuple(data[key])
         if "space" in data:
             data["space"] = tuple(ParamSpec.parse(text) for text in data["space"])
         if "attack" in data:
@@ -279,17 +361,28 @@ class SweepConfig:
     def preset(cls, name: str, **overrides: Any) -> SweepConfig:
         """The ``tiny``, ``demo`` or ``paper`` sweep with fields overridden.
 
-        Overrides may name SweepConfig fields or AttackConfig fields (``gradient_source``,
-        ``norm``, ``epochs``, ``surrogate.width`` ...), which change ``attack``. The
-        experiment name defaults to ``<preset>-<date>-<time>``.
+        Overrides may name SweepConfig fields or AttackConfig fields (``norm``, ``epochs``,
+        ``surrogate.width`` ...), which change ``attack``. ``recipe`` applies that named
+        recipe to the preset's attack before the other attack fields are changed (flags and
+        ``--set`` win over it). ``gradient_source`` is taken as a one-source
+        ``gradient_sources``. The experiment name defaults to ``<preset>-<date>-<time>``.
         """
+        from clusterattack.attacks.recipes import get_recipe
+
         if name not in PRESETS:
             raise ValueError(f"unknown sweep preset {name!r}, expected one of {PRESETS}")
         base = _PRESET_BUILDERS[name]()
         overrides.setdefault("experiment", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if overrides.get("norm") == "l2" and "space" not in overrides:
-            # The preset's eps range is an L-inf one; keep it only if it was changed on purpose.
-            overrides["space"] = for_norm(base.space, "l2")
+        if "eps" in overrides:
+            raise ValueError("eps is swept as a grid, one best trial per value: give eps_grid (--eps 0.05,0.1)")
+        if "gradient_source" in overrides:
+            overrides["gradient_sources"] = (overrides.pop("gradient_source"),)
+        if "recipe" in overrides:
+            recipe = get_recipe(overrides["recipe"])
+            base = dataclasses.replace(base, attack=base.attack.override(**recipe.overrides), recipe=recipe.name)
+        if overrides.get("norm") == "l2" and "eps_grid" not in overrides:
+            # The preset's radii are L-inf ones; keep them only if they were given on purpose.
+            overrides["eps_grid"] = L2_EPS_GRID
         return _apply(base, overrides)
 
 
@@ -297,6 +390,12 @@ def _apply(config: SweepConfig, changes: Mapping[str, Any]) -> SweepConfig:
     own = {f.name for f in dataclasses.fields(SweepConfig)}
     attack_changes = {k: v for k, v in changes.items() if k not in own}
     plain = {k: v for k, v in changes.items() if k in own}
+    for key in ("gradient_sources", "eps_grid", "targets"):
+        if key in plain and isinstance(plain[key], list):
+            plain[key] = tuple(plain[key])
+    if plain.get("gradient_sources"):
+        # The template attack names the first source (each source's experiments replace it).
+        attack_changes.setdefault("gradient_source", plain["gradient_sources"][0])
     if attack_changes:
         known = config.attack.flat()
         unknown = sorted(k for k in attack_changes if k not in known)
@@ -310,13 +409,14 @@ def _apply(config: SweepConfig, changes: Mapping[str, Any]) -> SweepConfig:
 
 
 def _tiny() -> SweepConfig:
-    """Tests: one CC victim on 8x8 digits trained for 1 epoch, 3 trials of up to 3 epochs."""
+    """Tests: one CC victim on 8x8 digits trained for 1 epoch; 2 eps x 2 trials of up to 3 epochs,
+    then 2 seeds of each eps's best."""
     attack = AttackConfig(
         gradient_source="surrogate",
         epochs=3,
         batch_size=64,
         train_limit=384,
-        eps=0.15,
+        select_images=64,
         surrogate=SurrogateConfig(distill_queries=384, distill_epochs=3, refresh_rounds=0, width=8, batch_size=128),
         query_batch=256,
     )
@@ -326,11 +426,12 @@ def _tiny() -> SweepConfig:
         space=(
             ParamSpec("alpha_a", "loguniform", 1.0, 50.0),
             ParamSpec("alpha_c", "loguniform", 0.1, 10.0),
-            ParamSpec("eps", "uniform", 0.1, 0.25),
         ),
+        eps_grid=(0.1, 0.2),
         attack=attack,
+        seeds=2,
         budget=20_000,
-        num_samples=3,
+        num_samples=2,
         grace_period=1,
         reduction_factor=2.0,
         eval_limit=256,
@@ -340,19 +441,19 @@ def _tiny() -> SweepConfig:
 
 
 def _demo() -> SweepConfig:
-    """Fashion-MNIST, CC and SCAN, surrogate gradients; about 15 minutes on 2 CPU cores.
+    """Fashion-MNIST, CC and SCAN, surrogate gradients, eps 0.1, label-free selection, 2 seeds.
 
     Sized from a measurement on one busy core: distilling a width-16 surrogate on 4,000
     queried images takes about 30 s and a generator epoch on 2,000 images 8 to 12 s, so
-    a full trial of 6 epochs costs about 100 s (5,000 image-queries). ASHA (rungs at 2
-    and 6 epochs) stops about two thirds of the 8 trials per victim after 2 epochs.
+    a full trial of 6 epochs costs about 100 s. ASHA (rungs at 2 and 6 epochs) stops about
+    two thirds of the 6 trials per victim after 2 epochs; the best then runs twice more.
     """
     attack = AttackConfig(
         gradient_source="surrogate",
         epochs=6,
         batch_size=128,
         train_limit=2_000,
-        eps=0.1,
+        select_images=1_000,
         surrogate=SurrogateConfig(
             distill_queries=4_000, distill_epochs=4, refresh_rounds=1, refresh_queries=1_000, width=16
         ),
@@ -361,8 +462,10 @@ def _demo() -> SweepConfig:
         preset_name="demo",
         targets=(("cc", "fashion_mnist"), ("scan", "fashion_mnist")),
         attack=attack,
-        budget=20_000,
-        num_samples=8,
+        eps_grid=(0.1,),
+        seeds=2,
+        budget=40_000,
+        num_samples=6,
         grace_period=2,
         reduction_factor=3.0,
         eval_limit=1_000,
@@ -370,7 +473,8 @@ def _demo() -> SweepConfig:
 
 
 def _paper() -> SweepConfig:
-    """All six victims on every data set present, GPU trials, the authors' epochs and batch."""
+    """All six victims on every data set present, GPU trials, the authors' epochs and batch,
+    eps 0.05 to 0.2, 3 seeds."""
     from clusterattack.victims.registry import VICTIMS
 
     attack = AttackConfig(
@@ -378,6 +482,7 @@ def _paper() -> SweepConfig:
         epochs=120,
         batch_size=128,
         lr_milestones=(50, 80),
+        select_images=2_000,
         device="cuda",
         surrogate=SurrogateConfig(ensemble=2),
     )
@@ -385,8 +490,10 @@ def _paper() -> SweepConfig:
         preset_name="paper",
         targets=tuple((m, d) for d in PAPER_DATASETS for m in VICTIMS),
         attack=attack,
+        eps_grid=(0.05, 0.1, 0.15, 0.2),
+        seeds=3,
         budget=5_000_000,
-        num_samples=32,
+        num_samples=8,
         grace_period=10,
         reduction_factor=3.0,
         cpus_per_trial=4.0,

@@ -16,7 +16,7 @@ from ray.tune import Callback
 
 from clusterattack.attacks.config import AttackConfig
 from clusterattack.tracking.sweeps import SweepRecorder
-from clusterattack.tuning.trainable import EVALUATION_METRICS
+from clusterattack.tuning.trainable import EVALUATION_METRICS, trial_params
 
 __all__ = ["TRIAL_METRICS", "MLflowSweepCallback"]
 
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 TRIAL_METRICS = (
     *EVALUATION_METRICS,
     "epoch", "image_queries", "calls", "budget_remaining", "restarts", "budget_exhausted", "time_total_s",
+    "objective", "select_score", "selection_image_queries", "scoring_image_queries", "selected_epoch", "final",
 )  # fmt: skip
 
 
@@ -76,7 +77,7 @@ class MLflowSweepCallback(Callback):
         run_id = self._runs.get(trial.trial_id)
         if run_id is not None:
             return run_id
-        attack = AttackConfig.from_dict(self.attack).override(**trial.config)
+        attack = AttackConfig.from_dict(self.attack).override(**trial_params(trial.config))
         params = {
             "model": self.model,
             "dataset": self.dataset,
@@ -96,7 +97,10 @@ class MLflowSweepCallback(Callback):
             "black_box": str(attack.black_box),
             "seed": str(attack.seed),
         }
-        run_name = f"{self.model}-{self.dataset}-{trial.trial_id}"
+        # Named alike across victims and sources, so the UI's run list reads as a table.
+        run_name = f"{self.model}-{self.dataset}-{attack.gradient_source}-eps{attack.eps:g}-" + (
+            f"seed{attack.seed}" if self.tags.get("phase") == "final" else trial.trial_id
+        )
         run_id = self.recorder.trial_run(self.parent_run_id, trial.trial_id, run_name, params, tags)
         self._runs[trial.trial_id] = run_id
         self._open.add(trial.trial_id)
@@ -118,7 +122,8 @@ class MLflowSweepCallback(Callback):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         # A trial retried from its checkpoint reports its epochs again only if it had
         # reported past that checkpoint; the charts keep the first value of each step.
-        if step <= self._steps.get(trial.trial_id, -1):
+        # A final run's scored result shares the step of its last epoch: always logged.
+        if step <= self._steps.get(trial.trial_id, -1) and not result.get("final"):
             return
         self._steps[trial.trial_id] = step
         metrics = {k: v for k, v in result.items() if k in TRIAL_METRICS or k.startswith("train.")}

@@ -1,13 +1,21 @@
-"""The main job: per target, ensure data and victim, serve it with budgets, run ASHA over the attack, record it all.
+"""The main job: per target, ensure data and victim, serve it with budgets, search the attack, record it all.
 
 ``run_sweep(SweepConfig.preset("demo"))`` does, for each (model, dataset) target: ingest the
 data set to Parquet (or reuse it), load the registered victim (or train and register it),
-deploy it on Serve behind the budget ledger, and run a Tune experiment with ASHA over
-the search space, each trial attacking the served victim through its own budgeted key.
-The driver writes one MLflow parent run per sweep and a child run per trial, registers
-the best generator per target as ``generator-<model>-<dataset>``, and logs Table 1
-(pre/post NMI, ARI, ACC) and Table 2 (query complexity) as MLflow tables and as CSV and
-Parquet files. ``resume=True`` continues an interrupted sweep from Tune's saved state.
+and deploy it on Serve behind the budget ledger. Then, for each black-box gradient source:
+
+1. *search*: one Tune experiment over every eps of the grid crossed with sampled alpha_a,
+   alpha_c (...), ASHA comparing trials of the same eps only; each trial attacks the served
+   victim through its own budgeted key and reports the selection objective (label-free by
+   default: the attacker's own score on images it holds out, paid in queries);
+2. *seed runs*: the best trial of each eps is trained again from scratch with fresh seeds,
+   each on its own key, and scored on the test split (the only place labels are read).
+
+The driver writes one MLflow parent run per sweep and a child run per trial and seed run,
+registers each eps's generator as a version of ``generator-<model>-<dataset>``, and logs
+Table 1 (pre/post NMI, ARI, ACC, mean and spread over seeds) and Table 2 (query complexity,
+selection queries included) as MLflow tables and as CSV and Parquet files.
+``resume=True`` continues an interrupted sweep from Tune's saved state.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -54,7 +63,6 @@ class SweepOutcome:
     interrupted: bool = False
     table1: list[dict[str, Any]] = field(default_factory=list)
     table2: list[dict[str, Any]] = field(default_factory=list)
-    table3: list[dict[str, Any]] = field(default_factory=list)
     tables: dict[str, dict[str, Path]] = field(default_factory=dict)
     generators: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -160,7 +168,11 @@ def run_sweep(
     parent_tags = {
         "sweep": config.experiment,
         "preset": config.preset_name,
-        "gradient_source": config.gradient_source,
+        "gradient_source": ",".join(config.gradient_sources),
+        "selection": config.objective,
+        "recipe": config.recipe,
+        "eps_grid": ",".join(f"{e:g}" for e in config.eps_grid),
+        "seeds": str(config.seeds),
         "norm": config.norm,
         "time_attr": config.time_attr,
         "storage": storage_root(config),
@@ -230,31 +242,32 @@ def _run_targets(
     evaluator_key = derive_api_key(state["secret"], "evaluator")
     ensure_key(admin, "sweep-evaluator", evaluator_key, EVALUATOR_BUDGET)
     apps: list[str] = []
+    experiments = state.setdefault("experiments", {})
     try:
         for model, dataset in config.targets:
-            key = f"{model}-{dataset}"
-            done = state["targets"].get(key, {})
-            if done.get("done"):
-                log.info("target %s already swept: reusing its rows", key)
-                _collect(outcome, done)
+            keys = [experiment_key(model, dataset, s) for s in config.gradient_sources]
+            if all(experiments.get(k, {}).get("done") for k in keys):
+                log.info("target %s-%s already swept: reusing its rows", model, dataset)
+                for k in keys:
+                    _collect(outcome, experiments[k])
                 continue
             try:
                 target = prepare_target(config, model, dataset, ledger, folder)
             except DatasetNotFound as err:
                 if not config.skip_missing_datasets:
                     raise
-                log.warning("skipping %s: %s", key, err)
-                outcome.skipped.append(key)
+                log.warning("skipping %s-%s: %s", model, dataset, err)
+                outcome.skipped.append(f"{model}-{dataset}")
                 continue
             apps.append(target.app_name)
-            grid = _tune_target(config, state, folder, recorder, outcome, target, ledger, evaluator_key, callbacks, resume)
-            if grid is None:
-                outcome.interrupted = True
-                return
-            done = _summarise_target(config, state, recorder, outcome, target, grid)
-            state["targets"][key] = done
-            _write_state(folder, state)
-            _collect(outcome, done)
+            for source, key in zip(config.gradient_sources, keys, strict=True):
+                done = experiments.setdefault(key, {})
+                if not done.get("done"):
+                    context = _Context(config, state, folder, recorder, outcome, target, ledger, evaluator_key)
+                    if not _sweep_source(context, source, done, callbacks, resume):
+                        outcome.interrupted = True
+                        return
+                _collect(outcome, done)
     finally:
         for name in apps:
             try:
@@ -266,72 +279,176 @@ def _run_targets(
         kill_ledger(ledger)
 
 
+def experiment_key(model: str, dataset: str, gradient_source: str) -> str:
+    """Name of one target's experiments with one gradient source (Tune folders, state, MLflow)."""
+    return f"{model}-{dataset}-{gradient_source}"
+
+
 def app_suffix(experiment: str) -> str:
     """A short, stable suffix naming a sweep's cluster-wide objects (its ledger actor)."""
     return hashlib.sha1(experiment.encode()).hexdigest()[:10]
 
 
 def _collect(outcome: SweepOutcome, done: dict[str, Any]) -> None:
-    outcome.table1.append(done["table1"])
-    outcome.table2.append(done["table2"])
-    outcome.table3.extend(done.get("table3", []))  # absent in a sweep state saved before it existed
-    if done.get("generator"):
-        outcome.generators[f"{done['table1']['model']}-{done['table1']['dataset']}"] = done["generator"]
+    outcome.table1.extend(done["table1"])
+    outcome.table2.extend(done["table2"])
+    outcome.generators.update(done.get("generators", {}))
 
 
-def _tune_target(
-    config: SweepConfig,
-    state: dict[str, Any],
-    folder: Path,
-    recorder: Any,
-    outcome: SweepOutcome,
-    target: Any,
-    ledger: Any,
-    evaluator_key: str,
+@dataclass
+class _Context:
+    """What the experiments of one prepared target share."""
+
+    config: SweepConfig
+    state: dict[str, Any]
+    folder: Path
+    recorder: Any
+    outcome: SweepOutcome
+    target: Any
+    ledger: Any
+    evaluator_key: str
+
+
+def _sweep_source(ctx: _Context, source: str, done: dict[str, Any], callbacks: Sequence[Any], resume: bool) -> bool:
+    """Search, then seed runs, of one target with one gradient source; False when interrupted.
+
+    ``done`` (this experiment's part of the sweep state) records each finished phase, so a
+    resumed sweep skips it: the search's choice per eps, then the finished rows.
+    """
+    from ray import tune
+
+    from clusterattack.tuning.summary import best_per_eps, search_totals
+    from clusterattack.tuning.trainable import FINAL_KEY
+
+    config, target = ctx.config, ctx.target
+    attack = config.attack_for(source)
+    key = experiment_key(target.model, target.dataset, source)
+    if "chosen" not in done:
+        grid = _run_tune(ctx, attack, "search", key, _search_space(config), callbacks, resume)
+        if grid is None:
+            return False
+        trials = _summaries(grid)
+        best = best_per_eps(trials)
+        missing = [eps for eps in config.eps_grid if eps not in best]
+        if missing:
+            raise RuntimeError(f"no trial of {key} at eps {missing} reported an objective: {grid.errors}")
+        done["chosen"] = {
+            repr(eps): {
+                "trial_id": trial.trial_id,
+                "params": trial.config,
+                "objective": trial.best_objective,
+                "history": trial.history,
+                "search": search_totals([t for t in trials if float(t.config["eps"]) == eps]),
+            }
+            for eps, trial in best.items()
+        }
+        _write_state(ctx.folder, ctx.state)
+        for eps, trial in best.items():
+            log.info("%s eps %g: trial %s chosen (objective %.4f)", key, eps, trial.trial_id, trial.best_objective)
+    runs = [
+        {**chosen["params"], "seed": seed}
+        for chosen in done["chosen"].values()
+        for seed in config.final_seeds()
+    ]
+    grid = _run_tune(ctx, attack, "final", f"{key}-final", {FINAL_KEY: tune.grid_search(runs)}, callbacks, resume)
+    if grid is None:
+        return False
+    finals = _summaries(grid)
+    _summarise(ctx, source, attack, done, finals)
+    done["done"] = True
+    _write_state(ctx.folder, ctx.state)
+    return True
+
+
+def _search_space(config: SweepConfig) -> dict[str, Any]:
+    from ray import tune
+
+    from clusterattack.tuning.space import tune_space
+
+    return {**tune_space(config.space), "eps": tune.grid_search(list(config.eps_grid))}
+
+
+def _summaries(grid: Any) -> list[Any]:
+    from clusterattack.tuning.summary import TrialSummary
+    from clusterattack.tuning.trainable import trial_params
+
+    out = []
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        out.append(TrialSummary.from_frame(trial_id, trial_params(result.config or {}), result.metrics_dataframe))
+    return out
+
+
+def _run_tune(
+    ctx: _Context,
+    attack: Any,
+    phase: str,
+    name: str,
+    param_space: dict[str, Any],
     callbacks: Sequence[Any],
     resume: bool,
 ) -> Any:
-    """Run (or restore and continue) the Tune experiment of one target; None when interrupted."""
+    """Run (or restore and continue) one Tune experiment of a target; None when interrupted.
+
+    The search runs one ASHA per eps value (:class:`GroupedASHA`: trials are compared with
+    trials of their own eps only) over ``num_samples`` draws per value; the seed runs are a
+    plain grid, each run to its last epoch.
+    """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from clusterattack.tuning.metrics import SweepMetricsCallback
     from clusterattack.tuning.mlflow_callback import MLflowSweepCallback
-    from clusterattack.tuning.space import tune_space
+    from clusterattack.tuning.schedulers import GroupedASHA
 
-    name = f"{target.model}-{target.dataset}"
-    trainable = trial_trainable(config, target, ledger, state["secret"], evaluator_key)
+    config, target = ctx.config, ctx.target
+    trainable = trial_trainable(config, target, ctx.ledger, ctx.state["secret"], ctx.evaluator_key, attack, phase)
     path = f"{storage_root(config)}/{name}"
     if resume and tune.Tuner.can_restore(path):
         log.info("restoring the Tune experiment at %s", path)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
+        tags = {
+            "sweep": config.experiment,
+            "victim_version": target.victim_version,
+            "phase": phase,
+            "selection": config.objective,
+            "recipe": config.recipe,
+        }
         mlflow_callback = MLflowSweepCallback(
-            recorder,
-            outcome.parent_run_id,
+            ctx.recorder,
+            ctx.outcome.parent_run_id,
             target.model,
             target.dataset,
-            config.attack,
-            params={"budget": config.budget, "time_attr": config.time_attr, "victim_version": target.victim_version},
-            tags={"sweep": config.experiment, "victim_version": target.victim_version},
-            max_epochs=config.attack.epochs,
+            attack,
+            params={
+                "budget": config.budget, "time_attr": config.time_attr, "victim_version": target.victim_version,
+                "selection": config.objective, "recipe": config.recipe, "phase": phase,
+            },  # fmt: skip
+            tags=tags,
+            max_epochs=attack.epochs,
         )
-        scheduler = ASHAScheduler(
-            time_attr=config.time_attr,
-            max_t=config.asha_max_t,
-            grace_period=config.grace_period,
-            reduction_factor=config.reduction_factor,
+        search = phase == "search"
+        scheduler = (
+            GroupedASHA(
+                "eps",
+                time_attr=config.time_attr,
+                max_t=config.asha_max_t,
+                grace_period=config.grace_period,
+                reduction_factor=config.reduction_factor,
+            )
+            if search
+            else None
         )
         tuner = tune.Tuner(
             trainable,
-            param_space=tune_space(config.space),
+            param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode=MODE,
+                metric=METRIC if search else None,
+                mode=MODE if search else None,
                 scheduler=scheduler,
                 search_alg=BasicVariantGenerator(random_state=config.seed),
-                num_samples=config.num_samples,
+                num_samples=config.num_samples if search else 1,
                 max_concurrent_trials=config.max_concurrent,
                 # One worker process runs trial after trial: starting a process that imports
                 # torch and Ray costs seconds, as long as a whole epoch of a small attack.
@@ -353,7 +470,7 @@ def _tune_target(
     grid = tuner.fit()
     unfinished = _unfinished_trials(path)
     if unfinished:
-        log.warning("sweep of %s interrupted with %d trial(s) unfinished: %s", name, len(unfinished), unfinished)
+        log.warning("%s interrupted with %d trial(s) unfinished: %s", name, len(unfinished), unfinished)
         return None
     if grid.num_errors:
         log.warning("%d trial(s) of %s failed for good: %s", grid.num_errors, name, grid.errors)
@@ -372,12 +489,25 @@ def _unfinished_trials(path: str) -> list[str]:
     return [t.trial_id for t in analysis.trials if str(t.status) not in ("TERMINATED", "ERROR")]
 
 
-def trial_trainable(config: SweepConfig, target: Any, ledger: Any, secret: str, evaluator_key: str) -> Any:
-    """The Tune trainable of one prepared target: data and keys bound, resources requested."""
+def trial_trainable(
+    config: SweepConfig,
+    target: Any,
+    ledger: Any,
+    secret: str,
+    evaluator_key: str,
+    attack: Any,
+    phase: str,
+) -> Any:
+    """The Tune trainable of one prepared target and phase: data and keys bound, resources requested.
+
+    Only runs that score receive the test split: final runs, and search trials under the
+    oracle objective. A label-free search trial holds no label and no scoring key.
+    """
     from ray import tune
 
     from clusterattack.tuning.trainable import TrialContext, attack_trainable
 
+    scores = phase == "final" or config.objective == "oracle"
     context = TrialContext(
         model=target.model,
         dataset=target.dataset,
@@ -386,96 +516,108 @@ def trial_trainable(config: SweepConfig, target: Any, ledger: Any, secret: str, 
         key_secret=secret,
         evaluator_key=evaluator_key,
         budget=config.budget,
-        attack=config.attack.to_dict(),
+        attack=attack.to_dict(),
         train_images=target.train_images,
-        test_images=target.test_images,
-        test_labels=target.test_labels,
+        test_images=target.test_images if scores else None,
+        test_labels=target.test_labels if scores else None,
         torch_threads=max(1, int(config.cpus_per_trial)),
+        phase=phase,
+        objective=config.objective,
     )
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     return tune.with_resources(tune.with_parameters(attack_trainable, context=context), resources)
 
 
-def _summarise_target(
-    config: SweepConfig,
-    state: dict[str, Any],
-    recorder: Any,
-    outcome: SweepOutcome,
-    target: Any,
-    grid: Any,
-) -> dict[str, Any]:
-    """Best trial, table rows and the registered generator of one finished target."""
-    from clusterattack.tuning.summary import TrialSummary, eps_tradeoff_rows, query_row, result_row
+def _summarise(ctx: _Context, source: str, attack: Any, done: dict[str, Any], finals: list[Any]) -> None:
+    """Table rows per eps from the seed runs, and the registered generator of each eps."""
+    from clusterattack.tuning.summary import TrialSummary, seed_rows
 
-    trials = []
-    for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        trials.append(TrialSummary.from_frame(trial_id, result.config or {}, result.metrics_dataframe))
-    reported = [t for t in trials if t.history]
-    if not reported:
-        raise RuntimeError(f"no trial of {target.model}-{target.dataset} reported a result: {grid.errors}")
-    best_result = grid.get_best_result(metric=METRIC, mode=MODE, scope="last")
-    best_id = best_result.metrics["trial_id"]
-    best = next(t for t in reported if t.trial_id == best_id)
-    row1 = result_row(target.model, target.dataset, target.victim_version, best, config.attack, len(trials))
-    row1["victim_nmi"] = target.victim_scores.get("nmi")
-    row2 = query_row(target.model, target.dataset, best, config.attack, config.budget, trials)
-    done: dict[str, Any] = {
-        "done": True,
-        "table1": row1,
-        "table2": row2,
-        "table3": eps_tradeoff_rows(target.model, target.dataset, reported, config.attack),
-        "best_trial": best_id,
-    }
-    if config.register_generators and best_result.checkpoint is not None:
-        done["generator"] = _register_generator(config, recorder, outcome, target, best_result, row1)
-    prefix = f"{target.model}-{target.dataset}"
-    metrics = {f"{prefix}.{k}": v for k, v in row1.items() if k.endswith(("_pre", "_post", "_drop"))}
-    metrics.update({f"{prefix}.{k}": v for k, v in row2.items() if k.startswith(("image_queries", "calls", "sweep_"))})
-    recorder.log_metrics(outcome.parent_run_id, metrics)
-    return done
+    config, target = ctx.config, ctx.target
+    done["table1"], done["table2"], done["generators"] = [], [], {}
+    metrics: dict[str, Any] = {}
+    for eps_text, chosen in done["chosen"].items():
+        eps = float(eps_text)
+        chosen_trial = TrialSummary(chosen["trial_id"], chosen["params"], chosen["history"])
+        runs = [f for f in finals if float(f.config["eps"]) == eps and f.final]
+        if not runs:
+            raise RuntimeError(f"no seed run of {target.model}-{target.dataset} ({source}, eps {eps:g}) was scored")
+        row1, row2 = seed_rows(
+            model=target.model, dataset=target.dataset, victim_version=target.victim_version, attack=attack,
+            chosen=chosen_trial, finals=runs, objective=config.objective, recipe=config.recipe,
+            budget=config.budget, search=chosen["search"],
+        )  # fmt: skip
+        row1["victim_nmi"] = target.victim_scores.get("nmi")
+        if config.register_generators:
+            row1["generator"] = _register_generator(ctx, source, eps, runs, row1)
+            done["generators"][row_key(row1)] = row1["generator"]
+        done["table1"].append(row1)
+        done["table2"].append(row2)
+        prefix = row_key(row1)
+        metrics.update({f"{prefix}.{k}": v for k, v in row1.items() if k.endswith(("_pre", "_post", "_drop", "_std"))})
+        metrics.update({f"{prefix}.{k}": v for k, v in row2.items() if k.startswith(("image_queries", "calls"))})
+    ctx.recorder.log_metrics(ctx.outcome.parent_run_id, metrics)
 
 
-def _register_generator(
-    config: SweepConfig, recorder: Any, outcome: SweepOutcome, target: Any, best: Any, row: dict[str, Any]
-) -> str:
+def row_key(row: dict[str, Any]) -> str:
+    """``<model>-<dataset>-<gradient source>-eps<eps>``: one Table 1 row, its generator, its metrics."""
+    return f"{row['model']}-{row['dataset']}-{row['gradient_source']}-eps{float(row['eps']):g}"
+
+
+def _register_generator(ctx: _Context, source: str, eps: float, runs: list[Any], row: dict[str, Any]) -> str:
+    """Register the generator of the seed run the attacker itself would keep (its best objective).
+
+    That choice is the selection objective's too: label-free, the hold-out score; oracle,
+    the test NMI. It names which generator analyses and transfer use, never a table figure.
+    """
     from clusterattack.attacks.io import load_generator
     from clusterattack.tracking.sweeps import generator_name
     from clusterattack.tuning.trainable import GENERATOR_FILE
 
-    name = generator_name(target.model, target.dataset)
-    run = recorder.find_trial_run(outcome.parent_run_id, row["best_trial"])
+    config, target, recorder = ctx.config, ctx.target, ctx.recorder
+    key = "nmi_post" if config.objective == "oracle" else "select_score"
+    keep = min(runs, key=lambda r: (float(r.final.get(key, math.inf)), r.trial_id))
+    run = recorder.find_trial_run(ctx.outcome.parent_run_id, keep.trial_id)
     if run is None:
-        raise RuntimeError(f"no MLflow run of the best trial {row['best_trial']} under {outcome.parent_run_id}")
+        raise RuntimeError(f"no MLflow run of the seed run {keep.trial_id} under {ctx.outcome.parent_run_id}")
     run_id = run.info.run_id
-    with best.checkpoint.as_directory() as folder:
-        path = Path(folder) / GENERATOR_FILE
-        generator, _, _ = load_generator(path)
-        tags = {
-            k: row[k]
-            for k in ("nmi_pre", "nmi_post", "nmi_drop", "gradient_source", "norm", "eps", "alpha_a", "alpha_c", "seed")
-        }
-        tags.update(victim=target.victim_name, victim_version=target.victim_version, sweep=config.experiment,
-                    trial_id=row["best_trial"])  # fmt: skip
-        version = recorder.log_generator(run_id, generator, name, path, tags)
-    recorder.end_run(run_id, "FINISHED")
-    recorder.set_tags(outcome.parent_run_id, {f"generator.{target.model}-{target.dataset}": f"{name}/{version.version}"})
+    checkpoint = _final_checkpoint(config, experiment_key(target.model, target.dataset, source), keep.trial_id)
+    name = generator_name(target.model, target.dataset)
+    generator, _, _ = load_generator(checkpoint / GENERATOR_FILE)
+    tags = {
+        "gradient_source": source, "norm": row["norm"], "eps": eps, "selection": config.objective,
+        "recipe": config.recipe, "seed": keep.config.get("seed"), "alpha_a": row["alpha_a"],
+        "alpha_c": row["alpha_c"], "nmi_post": keep.final.get("nmi_post"), "nmi_drop": keep.final.get("nmi_drop"),
+        "victim": target.victim_name, "victim_version": target.victim_version, "sweep": config.experiment,
+        "trial_id": keep.trial_id,
+    }  # fmt: skip
+    version = recorder.log_generator(run_id, generator, name, checkpoint / GENERATOR_FILE, tags)
+    recorder.set_tags(ctx.outcome.parent_run_id, {f"generator.{row_key(row)}": f"{name}/{version.version}"})
     return f"{name}/{version.version}"
 
 
+def _final_checkpoint(config: SweepConfig, key: str, trial_id: str) -> Path:
+    """The newest checkpoint folder of a seed run (its scored generator), local or fetched from storage."""
+    from ray import tune
+
+    analysis = tune.ExperimentAnalysis(f"{storage_root(config)}/{key}-final")
+    trial = next((t for t in analysis.trials if t.trial_id == trial_id), None)
+    if trial is None or trial.checkpoint is None:
+        raise RuntimeError(f"seed run {trial_id} of {key} left no checkpoint")
+    return Path(trial.checkpoint.to_directory())
+
+
 def _finish(config: SweepConfig, state: dict[str, Any], folder: Path, recorder: Any, outcome: SweepOutcome) -> None:
-    from clusterattack.tuning.summary import TABLE1, TABLE2, TABLE3
+    from clusterattack.tuning.summary import TABLE1, TABLE2
 
     tables = folder / "tables"
     if outcome.table1:
         outcome.tables[TABLE1] = recorder.log_table(outcome.parent_run_id, outcome.table1, TABLE1, tables)
         outcome.tables[TABLE2] = recorder.log_table(outcome.parent_run_id, outcome.table2, TABLE2, tables)
-    if outcome.table3:
-        outcome.tables[TABLE3] = recorder.log_table(outcome.parent_run_id, outcome.table3, TABLE3, tables)
     totals = {
-        "trials": sum(r["sweep_trials"] for r in outcome.table2),
-        "generator_epochs": sum(r["sweep_generator_epochs"] for r in outcome.table2),
-        "image_queries": sum(r["sweep_image_queries"] for r in outcome.table2),
+        "rows": len(outcome.table1),
+        "search_trials": sum(int(r.get("search_trials") or 0) for r in outcome.table2),
+        "final_runs": sum(int(r.get("n_seeds") or 0) for r in outcome.table2),
+        "image_queries": sum(int(r.get("sweep_image_queries") or 0) for r in outcome.table2),
         "wall_s": state["wall_s"],
     }
     recorder.log_metrics(outcome.parent_run_id, totals)

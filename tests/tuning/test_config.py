@@ -22,7 +22,10 @@ def test_presets_build_and_round_trip_through_the_state_file_form(name):
     config = SweepConfig.preset(name, experiment="x")
     assert config.preset_name == name
     assert SweepConfig.from_dict(config.to_dict()) == config
-    assert config.gradient_source in ("estimate", "surrogate")
+    assert set(config.gradient_sources) <= {"estimate", "surrogate"}
+    # Label-free by default: the attacker holds images out of its own pool to choose on.
+    assert config.objective == "label_free" and config.attack.select_images >= 2
+    assert 0.1 in config.eps_grid and config.seeds >= 2
 
 
 def test_presets_cover_what_each_is_for():
@@ -34,11 +37,13 @@ def test_presets_cover_what_each_is_for():
     assert {m for m, _ in paper.targets} == set(VICTIMS)
     assert paper.gpus_per_trial > 0 and paper.attack.device == "cuda" and paper.skip_missing_datasets
     assert tiny.experiment.startswith("tiny-")
+    assert paper.seeds == 3 and demo.seeds == 2 and paper.eps_grid == (0.05, 0.1, 0.15, 0.2)
+    assert demo.eps_grid == (0.1,)
 
 
 def test_overrides_reach_the_attack_config():
     config = SweepConfig.preset("tiny", gradient_source="estimate", norm="l2", epochs=2, **{"estimator.samples": 2})
-    assert config.attack.gradient_source == "estimate"
+    assert config.attack.gradient_source == "estimate" and config.gradient_sources == ("estimate",)
     assert config.attack.norm == "l2" and config.attack.epochs == 2
     assert config.attack.estimator.samples == 2
     assert config.asha_max_t == 2
@@ -72,7 +77,18 @@ def test_overrides_reach_the_attack_config():
         ({"space": (ParamSpec("not_a_field", "uniform", 0.0, 1.0),)}, "not_a_field"),
         ({"space": (ParamSpec("seed", "choice", values=(0, 1)),)}, "seed"),
         ({"space": (ParamSpec("eps", "uniform", 0.1, 1.5),)}, "eps"),
+        ({"space": (ParamSpec("select_images", "choice", values=(8, 16)),)}, "select_images"),
         ({"space": ()}, "space"),
+        ({"eps": 0.1}, "eps_grid"),
+        ({"eps_grid": ()}, "eps_grid"),
+        ({"eps_grid": (0.1, 0.1)}, "repeat"),
+        ({"eps_grid": (0.1, 1.5)}, "1.5"),
+        ({"gradient_sources": ("surrogate", "whitebox")}, "whitebox"),
+        ({"gradient_sources": ("surrogate", "surrogate")}, "repeats"),
+        ({"objective": "labels"}, "labels"),
+        ({"select_images": 0}, "select_images"),
+        ({"seeds": 0}, "seeds"),
+        ({"recipe": "huge"}, "huge"),
     ],
 )
 def test_bad_values_are_rejected_naming_them(changes, named):
@@ -98,11 +114,12 @@ def test_bad_search_dimensions_are_rejected(kwargs, named):
 
 def test_default_space_sits_around_the_authors_values():
     space = {spec.name: spec for spec in DEFAULT_SPACE}
-    assert set(space) == {"alpha_a", "alpha_c", "eps"}
-    # The authors used alpha_a 5..30, alpha_c (pert weight) 1, L-inf eps 0.05..0.25.
+    # eps is a grid of the sweep, never sampled; mi_temperature is searched for soft victims.
+    assert set(space) == {"alpha_a", "alpha_c", "mi_temperature"}
+    # The authors used alpha_a 5..30, alpha_c (pert weight) 1.
     assert space["alpha_a"].kind == "loguniform" and space["alpha_a"].low <= 5 and space["alpha_a"].high >= 30
     assert space["alpha_c"].kind == "loguniform" and space["alpha_c"].low < 1 < space["alpha_c"].high
-    assert space["eps"].low <= 0.05 and 0.1 < space["eps"].high <= 0.25
+    assert space["mi_temperature"].values == (0.3, 1.0)
     domains = tune_space(DEFAULT_SPACE)
     samples = [domains["alpha_a"].sample() for _ in range(200)]
     assert all(1.0 <= s <= 50.0 for s in samples)
@@ -126,8 +143,8 @@ def test_space_text_form_parses_and_overrides():
 
 
 def test_grid_is_geometric_for_log_dimensions_and_covers_every_combination():
-    grid = grid_configs(DEFAULT_SPACE, {"alpha_a": 3, "alpha_c": 2, "eps": 2})
-    assert len(grid) == 12
+    grid = grid_configs(DEFAULT_SPACE, {"alpha_a": 3, "alpha_c": 2})
+    assert len(grid) == 12  # 3 x 2 x both mi_temperature values
     alphas = sorted({g["alpha_a"] for g in grid})
     assert alphas[0] == pytest.approx(1.0) and alphas[-1] == pytest.approx(50.0)
     assert alphas[1] == pytest.approx(math.sqrt(50.0))
@@ -135,17 +152,40 @@ def test_grid_is_geometric_for_log_dimensions_and_covers_every_combination():
         AttackConfig().override(**point)  # every grid point is a valid attack
 
 
-def test_train_pool_covers_the_surrogate_distillation():
+def test_train_pool_covers_the_surrogate_distillation_and_the_hold_out():
     config = SweepConfig.preset("demo")
-    assert config.train_pool == max(config.attack.train_limit, config.attack.surrogate.distill_queries)
+    # 4,000 distilled memberships (more than the generator's 2,000) and 1,000 held out.
+    assert (config.attack.surrogate.distill_queries, config.attack.select_images) == (4_000, 1_000)
+    assert config.train_pool == 5_000
     estimate = SweepConfig.preset("demo", gradient_source="estimate")
-    assert estimate.train_pool == estimate.attack.train_limit
+    assert estimate.train_pool == 3_000
+    both = SweepConfig.preset("demo", gradient_sources=("estimate", "surrogate"))
+    assert both.train_pool == 5_000
 
 
-def test_the_l2_norm_gets_an_l2_eps_range_unless_one_is_given():
-    from clusterattack.tuning.space import L2_EPS
+def test_the_l2_norm_gets_l2_radii_unless_some_are_given():
+    from clusterattack.tuning.config import L2_EPS_GRID
 
-    l2 = SweepConfig.preset("demo", norm="l2")
-    assert {s.name: s for s in l2.space}["eps"] == L2_EPS
-    mine = (ParamSpec("eps", "choice", values=(1.0, 2.0)),)
-    assert SweepConfig.preset("demo", norm="l2", space=mine).space == mine
+    assert SweepConfig.preset("demo", norm="l2").eps_grid == L2_EPS_GRID == (0.5, 1.0, 2.0)
+    assert SweepConfig.preset("demo", norm="l2", eps_grid=(1.5,)).eps_grid == (1.5,)
+
+
+def test_a_recipe_applies_before_flags_and_is_recorded():
+    config = SweepConfig.preset("tiny", recipe="strong", epochs=2, **{"surrogate.refresh_rounds": 0})
+    assert config.recipe == "strong"
+    # From the recipe: two surrogates on attacker backbones of their own.
+    assert config.attack.surrogate.ensemble == 2 and config.attack.surrogate.arch == "pretext"
+    # Flags win over it.
+    assert config.attack.epochs == 2 and config.attack.surrogate.refresh_rounds == 0
+    # Everything else of the preset stays (the recipe names only its own keys).
+    assert config.attack.train_limit == SweepConfig.preset("tiny").attack.train_limit
+    assert SweepConfig.from_dict(config.to_dict()) == config
+
+
+def test_seed_runs_take_fresh_seeds_and_oracle_runs_hold_nothing_out():
+    config = SweepConfig.preset("tiny", seeds=3, **{"seed": 5})
+    assert config.final_seeds() == (6, 7, 8)  # none is the search trials' seed 5
+    assert config.attack_for("estimate").gradient_source == "estimate"
+    assert config.attack_for("estimate").select_images == config.attack.select_images
+    oracle = SweepConfig.preset("tiny", objective="oracle")
+    assert oracle.attack_for("surrogate").select_images == 0

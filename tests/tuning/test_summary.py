@@ -1,34 +1,43 @@
-"""Summary tables from trial histories: first report per epoch kept, convergence point, totals."""
+"""Summary tables from trial histories: first report per epoch kept, best trial per eps, means over seeds."""
 
 from __future__ import annotations
+
+import statistics
 
 import pytest
 
 from clusterattack.attacks.config import AttackConfig
 from clusterattack.tuning.summary import (
     TrialSummary,
+    best_per_eps,
     convergence,
-    eps_tradeoff_rows,
-    query_row,
-    result_row,
-    sweep_totals,
+    mean_std,
+    search_totals,
+    seed_rows,
 )
 
 
-def _row(epoch, loss, queries, nmi_post=0.3):
+def _row(epoch, loss, queries, objective=0.5):
+    return {"epoch": epoch, "train.loss_g": loss, "image_queries": queries, "calls": epoch * 4, "objective": objective}
+
+
+def _final(epoch, queries, nmi_post, seed_queries_selection=100):
     return {
-        "epoch": epoch, "train.loss_g": loss, "image_queries": queries, "calls": epoch * 4,
+        "epoch": epoch, "final": 1, "image_queries": queries, "calls": epoch * 4 + 1,
         "nmi_pre": 0.6, "nmi_post": nmi_post, "ari_pre": 0.5, "ari_post": 0.2, "acc_pre": 0.7, "acc_post": 0.3,
-        "nmi_drop": 0.5, "linf_mean": 0.1, "l2_mean": 1.2,
+        "nmi_drop": (0.6 - nmi_post) / 0.6, "linf_max": 0.1, "changed_fraction": 0.4,
+        "selection_image_queries": seed_queries_selection, "scoring_image_queries": 512, "select_score": 0.2,
     }  # fmt: skip
 
 
-def test_retried_epochs_keep_their_first_report_and_order():
-    rows = [_row(1, 1.0, 100), _row(2, 0.5, 200), _row(2, 0.4, 260), _row(3, 0.45, 300)]
+def test_retried_epochs_keep_their_first_report_and_the_final_row_is_kept_apart():
+    rows = [_row(1, 1.0, 100), _row(2, 0.5, 200), _row(2, 0.4, 260), _row(3, 0.45, 300), _final(3, 310, 0.2)]
     trial = TrialSummary("t1", {"eps": 0.1}, rows)
     assert [r["epoch"] for r in trial.history] == [1, 2, 3]
     assert trial.history[1]["image_queries"] == 200
-    assert trial.epochs == 3 and trial.image_queries == 300
+    # The scored row shares epoch 3 with the last training report; it is the trial's last word.
+    assert trial.final["nmi_post"] == 0.2 and trial.last is trial.final
+    assert trial.epochs == 3 and trial.image_queries == 310
 
 
 def test_convergence_uses_the_attack_rule_and_reports_calls_of_256():
@@ -40,38 +49,54 @@ def test_convergence_uses_the_attack_rule_and_reports_calls_of_256():
     assert convergence(TrialSummary("t", {}, falling), attack)["converged_epoch"] is None
 
 
-def test_rows_record_the_attack_its_scores_and_the_sweep_spend():
-    attack = AttackConfig(gradient_source="surrogate", norm="linf", eps=0.1, seed=3)
-    best = TrialSummary("best", {"alpha_a": 12.0, "eps": 0.15}, [_row(1, 1.0, 400), _row(2, 0.9, 500, 0.1)])
-    other = TrialSummary("other", {"alpha_a": 2.0}, [_row(1, 1.0, 400, 0.5)])
-    row1 = result_row("cc", "fashion_mnist", "3", best, attack, trials=2)
-    assert row1["eps"] == pytest.approx(0.15) and row1["alpha_a"] == 12.0 and row1["seed"] == 3
-    assert (row1["nmi_pre"], row1["nmi_post"]) == (0.6, 0.1)
-    assert row1["victim"] == "victim-cc-fashion_mnist" and row1["victim_version"] == "3"
-    row2 = query_row("cc", "fashion_mnist", best, attack, budget=10_000, all_trials=[best, other])
-    assert row2["image_queries"] == 500 and row2["calls_256"] == 2 and row2["calls"] == 8
-    assert row2["sweep_generator_epochs"] == 3 and row2["sweep_image_queries"] == 900
-    assert sweep_totals([]) == {"sweep_trials": 0, "sweep_generator_epochs": 0, "sweep_image_queries": 0}
-
-
-def test_eps_tradeoff_keeps_the_trials_no_smaller_eps_beats():
-    attack = AttackConfig(eps=0.1, seed=1)
-
-    def trial(name, eps, nmi_post, epochs=2):
-        return TrialSummary(name, {"eps": eps, "alpha_a": 3.0}, [_row(e, 1.0, 100 * e, nmi_post) for e in range(1, epochs + 1)])
+def test_the_best_trial_is_chosen_within_each_eps_and_never_across():
+    def trial(name, eps, objectives):
+        return TrialSummary(name, {"eps": eps, "alpha_a": 3.0}, [_row(e + 1, 1.0, 100, o) for e, o in enumerate(objectives)])
 
     trials = [
-        trial("big", 0.2, 0.05),
-        trial("small", 0.05, 0.50),
-        trial("mid-worse", 0.12, 0.55),  # a larger eps that did worse than "small": dominated
-        trial("mid", 0.1, 0.30, epochs=1),  # stopped early by ASHA, still on the front
-        trial("tie", 0.1, 0.35),  # same eps as "mid", higher NMI: dominated
-        TrialSummary("never-reported", {"eps": 0.01}, []),
+        trial("big", 0.2, [0.3, 0.05]),  # the lowest objective of all, at the larger eps
+        trial("small-a", 0.1, [0.7, 0.6]),
+        trial("small-b", 0.1, [0.5, 0.55]),  # its best epoch (0.5) beats small-a's last
+        trial("small-stopped", 0.1, [0.9]),  # stopped early by ASHA, worse
+        trial("big-worse", 0.2, [0.2, 0.25]),
+        TrialSummary("never-reported", {"eps": 0.1}, []),
     ]
-    rows = eps_tradeoff_rows("cc", "fashion_mnist", trials, attack)
-    assert [(r["trial"], r["eps"], r["nmi_post"]) for r in rows] == [
-        ("small", 0.05, 0.50), ("mid", 0.1, 0.30), ("big", 0.2, 0.05),
+    best = best_per_eps(trials)
+    assert list(best) == [0.1, 0.2]
+    assert best[0.1].trial_id == "small-b" and best[0.1].best_objective == 0.5
+    assert best[0.2].trial_id == "big"
+    # Ties go to the trial that ran more epochs.
+    tie = best_per_eps([trial("short", 0.1, [0.4]), trial("long", 0.1, [0.6, 0.4])])
+    assert tie[0.1].trial_id == "long"
+    with pytest.raises(ValueError, match="no eps"):
+        best_per_eps([TrialSummary("x", {"alpha_a": 1.0}, [_row(1, 1.0, 10)])])
+
+
+def test_seed_rows_give_mean_and_spread_over_seeds_and_the_search_spend():
+    attack = AttackConfig(gradient_source="surrogate", norm="linf", seed=0, select_images=50)
+    chosen = TrialSummary("search-3", {"eps": 0.1, "alpha_a": 12.0, "alpha_c": 0.5}, [_row(1, 1.0, 400, 0.3)])
+    finals = [
+        TrialSummary("f1", {"eps": 0.1, "alpha_a": 12.0, "alpha_c": 0.5, "seed": 1}, [_row(1, 1.0, 500), _final(1, 600, 0.2)]),
+        TrialSummary("f2", {"eps": 0.1, "alpha_a": 12.0, "alpha_c": 0.5, "seed": 2}, [_row(1, 1.0, 500), _final(1, 610, 0.3)]),
     ]
-    assert rows[1]["epochs_run"] == 1 and rows[1]["image_queries"] == 100
-    assert all(r["seed"] == 1 and r["alpha_a"] == 3.0 and r["model"] == "cc" for r in rows)
-    assert eps_tradeoff_rows("cc", "fashion_mnist", [], attack) == []
+    search = search_totals([chosen, TrialSummary("other", {"eps": 0.1}, [_row(1, 1.0, 350)])])
+    assert search == {"search_trials": 2, "search_generator_epochs": 2, "search_image_queries": 750}
+    row1, row2 = seed_rows(
+        model="cc", dataset="fashion_mnist", victim_version="3", attack=attack, chosen=chosen, finals=finals,
+        objective="label_free", recipe="default", budget=10_000, search=search,
+    )  # fmt: skip
+    assert row1["eps"] == pytest.approx(0.1) and row1["alpha_a"] == 12.0 and row1["selection"] == "label_free"
+    assert row1["seeds"] == "1,2" and row1["n_seeds"] == 2 and row1["best_trial"] == "search-3"
+    assert row1["nmi_post"] == pytest.approx(0.25) and row1["nmi_post_std"] == pytest.approx(statistics.stdev([0.2, 0.3]))
+    assert row1["nmi_pre"] == pytest.approx(0.6) and row1["nmi_pre_std"] == pytest.approx(0.0)
+    assert row1["victim"] == "victim-cc-fashion_mnist" and row1["victim_version"] == "3"
+    assert row2["image_queries"] == pytest.approx(605) and row2["calls_256"] == 3
+    assert row2["selection_image_queries"] == 100 and row2["scoring_image_queries"] == 512
+    assert row2["search_image_queries"] == 750 and row2["final_image_queries"] == 1210
+    assert row2["sweep_image_queries"] == 750 + 1210 and row2["budget"] == 10_000
+
+
+def test_mean_std_skips_missing_values_and_has_no_spread_for_one():
+    assert mean_std([0.2, None, float("nan"), 0.4]) == (pytest.approx(0.3), pytest.approx(0.1414, abs=1e-4))
+    assert mean_std([0.5]) == (0.5, None)
+    assert mean_std([]) == (None, None)

@@ -83,16 +83,21 @@ def test_ray_job_submit_runs_the_sweep_on_a_local_cluster(tmp_path):
 
     client = mlflow_client(tmp_path)
     parent, children = sweep_runs(client, "job")
-    assert parent.info.status == "FINISHED" and len(children) == 2
+    # 2 trials at each of the tiny preset's 2 eps values, then 2 seed runs per eps.
+    assert parent.info.status == "FINISHED" and len(children) == 8
+    assert sorted(c.data.tags["phase"] for c in children) == ["final"] * 4 + ["search"] * 4
     assert client.get_model_version("generator-cc-digits", "1").status == "READY"
 
 
-def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
+def test_an_interrupted_oracle_sweep_resumes_where_it_stopped_and_says_it_is_oracle(tmp_path):
     env = sweep_env(tmp_path)
     # Grace period 4: ASHA stops no trial before its fourth epoch, so the trial whose
     # second checkpoint triggers the interrupt is still mid-way and must resume from it
     # (with the tiny preset's grace period of 1, ASHA could end it there, a flaky race).
-    args = sweep_args(tmp_path, "resumable", "--epochs", "5", "--grace-period", "4")
+    # The oracle objective (test labels choose, as in the paper) must be named everywhere.
+    args = sweep_args(
+        tmp_path, "resumable", "--epochs", "5", "--grace-period", "4", "--objective", "oracle", "--eps", "0.15",
+    )  # fmt: skip
     experiment_dir = tmp_path / "sweeps" / "resumable"
     log = tmp_path / "first.log"
     with open(log, "w") as out:
@@ -105,7 +110,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
         # A trial's next report waits until the driver has processed the previous one, save
         # included, so a second checkpoint on disk means the first is registered.
         deadline = time.monotonic() + 400
-        while not list(experiment_dir.glob("cc-digits/*/checkpoint_000001")):
+        while not list(experiment_dir.glob("cc-digits-surrogate/*/checkpoint_000001")):
             assert process.poll() is None, _tail(log.read_text())
             assert time.monotonic() < deadline, "no trial checkpoint within 400 s"
             time.sleep(0.5)
@@ -135,12 +140,24 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     parent_after, children = sweep_runs(client, "resumable")
     assert parent_after.info.run_id == parent.info.run_id  # the same parent run, reopened
     assert parent_after.info.status == "FINISHED" and parent_after.data.tags["resumed"] == "true"
-    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    # The tiny preset's 2 search trials at the one eps, then its 2 seed runs of the best.
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert parent_after.data.tags["selection"] == "oracle"
+    assert {c.data.params["selection"] for c in children} == {"oracle"}
+    assert {c.data.tags["selection"] for c in children} == {"oracle"}
+    # Oracle search trials score the test subset every epoch; that is what chose among them.
+    for child in children:
+        assert child.data.metrics["objective"] == child.data.metrics["nmi_post"]
+    assert "selection=oracle" in output and "oracle" in (experiment_dir / "tables" / "table1_attack.csv").read_text()
+    version = client.get_model_version("generator-cc-digits", "1")
+    assert version.tags["selection"] == "oracle"
     # At least one trial went on from its checkpoint rather than from scratch.
     restarts = [max((m.value for m in client.get_metric_history(c.info.run_id, "restarts")), default=0)
                 for c in children]  # fmt: skip
     assert max(restarts) >= 1
     for child in children:
         epochs = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
-        assert epochs == list(range(1, len(epochs) + 1))  # no epoch lost or logged twice
+        # No epoch lost or logged twice (a seed run logs its scored result at its last epoch too).
+        assert sorted(set(epochs)) == list(range(1, max(epochs) + 1))
+        assert len(epochs) - len(set(epochs)) == (1 if child.data.tags["phase"] == "final" else 0)
     assert json.loads((experiment_dir / "sweep_state.json").read_text())["status"] == "completed"
