@@ -5,6 +5,7 @@ Examples:
         --gradient-source surrogate --norm linf --eps 0.1 --out runs/cc-surrogate
     python jobs/attack.py --victim http://127.0.0.1:8000/cc --api-key KEY \
         --dataset fashion_mnist --gradient-source estimate --eps 0.1
+    python jobs/attack.py --victim py:examples.sklearn_digits:build --dataset digits --eps 0.1
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from clusterattack.attacks import AttackConfig, CountingVictim, run_attack
+from clusterattack.attacks import AttackConfig, run_attack
 from clusterattack.attacks.config import (
     ATTACK_LOSSES,
     GAN_LOSSES,
@@ -44,10 +45,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--victim",
         required=True,
-        help="registered name (victim-cc-fashion_mnist or cc/fashion_mnist), models:/ or runs:/ URI, "
-        "victim file, or http(s)://host:port/<app> of a served victim (with --api-key)",
+        help="victim spec (docs/own-model.md): registered name (victim-cc-fashion_mnist or cc/fashion_mnist), "
+        "victim file, MLflow model URI, py:MODULE:FACTORY or FILE.py:FACTORY, onnx:PATH, torchscript:PATH, "
+        "adapter:FILE.yaml (someone else's HTTP service), or http(s)://host:port/<app> of a served victim "
+        "(with --api-key)",
     )
-    p.add_argument("--api-key", default=None, help="attacker key of a served victim")
+    p.add_argument("--victim-option", dest="victim_options", type=key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="victim spec option, repeatable: --victim-option clusters=10 "
+                   "--victim-option output=logits (the same as ?clusters=10&output=logits)")
+    p.add_argument("--adapter", default=None,
+                   help="adapter file (YAML/JSON) of someone else's service at the --victim URL")
+    p.add_argument("--api-key", default=None, help="attacker key of a served victim (or an adapter's secret)")
     p.add_argument("--eval-api-key", default=None, help="separate key for scoring a served victim after training")
     p.add_argument("--dataset", required=True, help="data set the victim was trained on, e.g. fashion_mnist")
     p.add_argument("--gradient-source", choices=GRADIENT_SOURCES, default="surrogate")
@@ -128,36 +136,27 @@ def build_config(args: argparse.Namespace) -> AttackConfig:
     return AttackConfig().override(**changes)
 
 
-def open_victims(args: argparse.Namespace, spent: int = 0):
-    """(attacked victim, scoring victim or None, display name) for the ``--victim`` source.
+def open_victims(args: argparse.Namespace, spent: int = 0, dataset=None):
+    """(attacked victim, scoring victim or None, display name) for the ``--victim`` spec.
 
-    ``spent``: image-queries a resumed attack already made, taken off a local ``--budget``
-    (a server's ledger remembers them by itself).
-
-    A URL gives ServedVictim clients (the server counts and enforces the budget; scoring
-    uses ``--eval-api-key`` when given). A local model has no counter, so it is wrapped
-    in CountingVictim, which counts and enforces ``--budget`` as a server would; scoring
-    then goes through a second, unbudgeted wrapper since it is not the attacker's spend.
+    ``spent``: image-queries a resumed attack already made, taken off ``--budget``
+    (a server's ledger remembers them by itself). ``dataset`` checks the input shape.
+    See ``clusterattack.victims.sources.open_attack_target``: served victims and foreign
+    services count their own queries, a local model is wrapped in CountingVictim (which
+    enforces ``--budget``); a decision-only victim takes the label-based surrogate path.
     """
-    source = args.victim
-    if source.startswith(("http://", "https://")):
-        from clusterattack.serving import ServedVictim
+    from clusterattack.victims.sources.target import open_attack_target
 
-        if not args.api_key:
-            raise ValueError(f"--api-key is required for the served victim {source}")
-        victim = ServedVictim(source, args.api_key, device="cpu")
-        scorer = ServedVictim(source, args.eval_api_key, device="cpu") if args.eval_api_key else None
-        return victim, scorer, getattr(victim, "name", source.rstrip("/").rsplit("/", 1)[-1])
-    from clusterattack.victims.io import load_victim
-
-    model = load_victim(source, device=args.device)
-    name = getattr(model, "name", "") or Path(source).stem
-    if args.gradient_source == "whitebox":
-        # The wrapper passes autograd through untouched; frozen weights gather no gradient.
-        model.requires_grad_(False)
-    scorer = CountingVictim(model) if args.budget is not None else None
-    budget = None if args.budget is None else max(args.budget - spent, 0)
-    return CountingVictim(model, budget=budget), scorer, name
+    options = dict(args.victim_options)
+    if args.adapter:
+        options["adapter"] = args.adapter
+    target = open_attack_target(
+        args.victim, gradient_source=args.gradient_source, dataset=dataset, options=options,
+        api_key=args.api_key, eval_api_key=args.eval_api_key, budget=args.budget, spent=spent,
+        device=args.device,
+    )
+    log.info("victim %s: %s", target.name, target.description)
+    return target.victim, target.scorer, target.name
 
 
 def read_checkpoint(args: argparse.Namespace, config: AttackConfig) -> dict[str, Any] | None:
@@ -235,7 +234,7 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         resume = read_checkpoint(args, config)
         spent = 0 if resume is None else int(resume["state"]["counts"][0] or 0)
-        victim, eval_victim, victim_name = open_victims(args, spent)
+        victim, eval_victim, victim_name = open_victims(args, spent, dataset=data)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

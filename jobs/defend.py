@@ -6,6 +6,13 @@ Examples:
     python jobs/defend.py pca --dataset fashion_mnist --victim cc --generator generator-cc-fashion_mnist/1
     python jobs/defend.py retrain --dataset fashion_mnist --victim cc \
         --generator generator-cc-fashion_mnist/1 --epochs 2 --train-limit 20000 --gradient-source whitebox
+    python jobs/defend.py detect --dataset digits --victim py:examples.sklearn_digits:build \
+        --encoder cc --generator runs/digits-gmm/generator.pt --images 300 --fit-images 800 --heldout-images 300
+
+``--victim`` is a zoo model name or any victim specification (docs/own-model.md). ``detect``
+needs features: the victim's own backbone (a model of this package, or a torch model with
+``features``), else ``--encoder``; ``pca`` needs none; ``retrain`` retrains a model of this
+package only.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
 import torch
@@ -29,8 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dataset", required=True)
-    common.add_argument("--victim", required=True, help="victim name (registry victim-<name>-<dataset>)")
-    common.add_argument("--victim-file", default=None, help="load the victim from this file instead")
+    common.add_argument("--victim", required=True,
+                        help="zoo name (registry victim-<name>-<dataset>) or any victim specification")
+    common.add_argument("--victim-file", default=None, help="load the victim from this file or spec instead")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     common.add_argument("--no-mlflow", action="store_true")
@@ -69,6 +78,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+_ZOO_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def split_victim(args: argparse.Namespace) -> None:
+    """A spec in ``--victim`` becomes ``--victim-file`` under a short name for the records."""
+    if _ZOO_NAME.match(args.victim):
+        return
+    from clusterattack.victims.sources import parse_victim_spec
+
+    spec = parse_victim_spec(args.victim)
+    if args.victim_file:
+        raise ValueError(f"--victim {args.victim!r} is a spec already: drop --victim-file")
+    args.victim_file = args.victim
+    args.victim = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.display_name).strip("-.")
+
+
+def check_victim(args: argparse.Namespace):
+    """A victim given by another kind of spec, loaded once, if this defense can use it;
+    ValueError saying what it lacks. None for a model of this package (the analysis loads
+    it as it always did) and for ``pca``, which needs no model at all."""
+    if args.victim_file is None or args.command == "pca":
+        return None
+    from clusterattack.analyses.common import load_victim_named
+    from clusterattack.victims.base import ClusteringModel
+    from clusterattack.victims.sources import parse_victim_spec
+
+    if parse_victim_spec(args.victim_file).kind in ("registry", "file"):
+        return None  # a model of this package: every defense takes it, loaded by the analysis
+
+    victim = load_victim_named(args.victim, args.dataset, {args.victim: args.victim_file})
+    if args.command == "detect" and args.encoder is None and not callable(getattr(victim, "features", None)):
+        raise ValueError(
+            f"victim {args.victim_file!r} has no features(): the SSD detector needs an embedding; pass "
+            "--encoder (a zoo name or file whose backbone gives the features)"
+        )
+    if args.command == "retrain" and not isinstance(victim, ClusteringModel):
+        raise ValueError(
+            f"victim {args.victim_file!r} is a {type(victim).__name__}: adversarial retraining retrains a "
+            "model of this package (a zoo name or a save_victim file); use detect or pca for other models"
+        )
+    return victim
+
+
 def build_config(args: argparse.Namespace):
     from clusterattack.analyses import DetectionConfig, PCAConfig, RetrainingConfig
 
@@ -100,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     try:
+        split_victim(args)
         config = build_config(args)
+        victim = check_victim(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -108,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from clusterattack.analyses.defenses import retraining_text
 
     if args.command == "detect":
-        result = run_detection(config)
+        result = run_detection(config, victim=victim)
         p = result.payload
         print(
             f"SSD on {p['victim']} ({p['encoder']}) vs {p['generator']} ({p['norm']} eps {p['eps']:g}, "
@@ -124,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{[round(v, 4) for v in p['explained_variance']]}, overlap ({p['overlap_method']}) {p['overlap']:.3f}"
         )
     else:
-        result = run_retraining(config)
+        result = run_retraining(config, victim=victim)
         print(retraining_text(result.payload))
         print(f"fresh attack: {json.dumps(result.payload['fresh_attack'])}")
     if not args.no_mlflow:

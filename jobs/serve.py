@@ -6,9 +6,16 @@
         --key team-a:60000:2000 --port 8000
     RAY_ADDRESS=auto python jobs/serve.py --victim cc/fashion_mnist --num-gpus 0.5 --key a:1000
 
-A victim is ``[APP=]SOURCE`` where SOURCE is whatever ``clusterattack.victims.load_victim``
-takes (checkpoint path, ``models:/<name>/<version>``, registered name, ``model/dataset``);
-APP (the route prefix) defaults to SOURCE made URL-safe. A key is
+    python jobs/serve.py --victim digits-gmm=py:examples.sklearn_digits:build --dataset digits \
+        --key red-team:20000:50
+
+A victim is ``[APP=]SPEC`` where SPEC is any victim specification (docs/own-model.md): a
+checkpoint path, ``models:/<name>/<version>``, a registered name, ``model/dataset``,
+``py:MODULE:FACTORY``, ``FILE.py:FACTORY``, ``onnx:PATH``, ``torchscript:PATH``, an MLflow
+pyfunc model or ``adapter:FILE.yaml`` (someone else's service, proxied behind our keys).
+APP (the route prefix) defaults to SPEC made URL-safe. A decision-only model (cluster ids
+only) needs ``--mode labels``. Every spec other than a zoo name or file is resolved and
+checked here first (a clear error before Ray starts), then again in each replica. A key is
 ``NAME:BUDGET[:RATE_PER_S[:BURST]]``. Budgets live in the ledger's sqlite file
 (``--ledger-path``), so restarting this job keeps every key and what it has spent.
 
@@ -32,15 +39,31 @@ from clusterattack.serving.config import MODES, AutoscalingSpec, ServeConfig
 from clusterattack.serving.deployment import KeySpec, launch_victims
 from clusterattack.serving.ledger_actor import LedgerConfig
 from clusterattack.serving.ledger_records import default_ledger_path
+from clusterattack.victims.sources import VictimFactory, VictimSpecError, parse_victim_spec
 
 
 def parse_victim(text: str) -> tuple[str, str]:
     app, sep, source = text.partition("=")
+    if sep and (":" in app or "?" in app or "/" in app):
+        # The "=" belongs to the spec's options (py:m:f?k=v), not to an APP= prefix.
+        app, sep, source = "", "", text
     if not sep:
         source = text
-        app = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).stem if Path(text).suffix else text).strip("-.")
+        try:
+            spec = parse_victim_spec(text)
+        except VictimSpecError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        if spec.kind in ("registry", "file", "served"):
+            name = Path(text).stem if Path(text).suffix else text
+        else:
+            name = spec.display_name
+        app = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
     if not app or not source:
-        raise argparse.ArgumentTypeError(f"victim must be [APP=]SOURCE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"victim must be [APP=]SOURCE (SOURCE: a victim spec), got {text!r}")
+    try:
+        parse_victim_spec(source)
+    except VictimSpecError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return app, source
 
 
@@ -60,7 +83,11 @@ def parse_key(text: str) -> KeySpec:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--victim", action="append", type=parse_victim, required=True, help="[APP=]SOURCE; repeatable")
+    p.add_argument("--victim", action="append", type=parse_victim, required=True,
+                   help="[APP=]SPEC (any victim specification); repeatable")
+    p.add_argument("--dataset", default=None,
+                   help="data set whose images the victims take: checks (or fills) their input shape")
+    p.add_argument("--api-key", default=None, help="secret of an adapter victim whose auth.env is unset")
     p.add_argument("--mode", choices=MODES, default="scores", help="scores: soft memberships; labels: ids only")
     p.add_argument("--key", action="append", type=parse_key, default=[], help="NAME:BUDGET[:RATE[:BURST]]; repeatable")
     p.add_argument("--replicas", type=int, default=1)
@@ -103,6 +130,36 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     )
 
 
+def resolve_sources(
+    victims: dict[str, str], *, mode: str, dataset: str | None = None, api_key: str | None = None
+) -> dict[str, object]:
+    """What each app serves: a zoo name or file as it is (the replica loads it), any other
+    spec as a ``VictimFactory`` checked here first (module, file, shape, first answer)."""
+    shape = None
+    if dataset is not None:
+        from clusterattack.data import load_dataset
+
+        shape = load_dataset(dataset).shape
+    out: dict[str, object] = {}
+    for app, source in victims.items():
+        spec = parse_victim_spec(source)
+        if spec.kind == "served":
+            raise VictimSpecError(
+                f"victim {app}={source} is already served; to put someone else's service behind our "
+                "keys, describe it with an adapter (adapter:FILE.yaml)"
+            )
+        if spec.kind in ("registry", "file") and shape is None:
+            out[app] = source
+            continue
+        factory = VictimFactory.for_serving(source, mode=mode, input_shape=shape, api_key=api_key)
+        victim = factory()  # resolved and probed here: a bad spec fails before Ray starts
+        logging.getLogger("jobs.serve").info(
+            "victim %s: %s (%d clusters, input %s)", app, source, victim.num_clusters, victim.input_shape
+        )
+        out[app] = factory if spec.kind not in ("registry", "file") else source
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -110,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     victims = dict(args.victim)
     if len(victims) != len(args.victim):
         raise SystemExit(f"two victims share an app name: {[app for app, _ in args.victim]}")
+    try:
+        victims = resolve_sources(victims, mode=config.mode, dataset=args.dataset, api_key=args.api_key)
+    except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 

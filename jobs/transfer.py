@@ -8,6 +8,13 @@ Examples:
     python jobs/transfer.py norm-curves --dataset fashion_mnist --victims cc ruc \
         --eps-values 0.05 0.1 0.2 --gradient-source whitebox
 
+    python jobs/transfer.py matrix --dataset digits --victims mine=py:examples.sklearn_digits:build cc \
+        --eps 0.1 --no-ray
+
+A victim is a zoo model name (victim-<name>-<dataset> in the registry), NAME=SPEC, or any
+victim specification (docs/own-model.md; named after it). A decision-only victim is scored
+by its cluster ids; as a source it needs the surrogate gradient source.
+
 Ray starts in-process unless RAY_ADDRESS names a cluster; --no-ray runs everything here.
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -40,8 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dataset", required=True)
-    common.add_argument("--victims", nargs="+", required=True, help="victim names (registry victim-<name>-<dataset>)")
-    common.add_argument("--victim-file", type=_pair, action="append", default=[], metavar="NAME=PATH")
+    common.add_argument("--victims", nargs="+", required=True,
+                        help="zoo names (registry victim-<name>-<dataset>), NAME=SPEC or victim specs")
+    common.add_argument("--victim-file", type=_pair, action="append", default=[], metavar="NAME=SPEC",
+                        help="load victim NAME from a file or any victim specification")
     common.add_argument("--norm", choices=NORMS, default="linf")
     common.add_argument("--gradient-source", choices=GRADIENT_SOURCES, default=CHEAP_ATTACK.gradient_source,
                         help="gradient source of generators trained here (recorded with every result)")
@@ -79,12 +89,54 @@ def attack_config(args: argparse.Namespace) -> AttackConfig:
     return CHEAP_ATTACK.override(**changes)
 
 
+_ZOO_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def named_victims(entries: list[str], files: list[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(names, NAME=SPEC pairs): zoo names stay names; ``NAME=SPEC`` and bare specs get a name."""
+    from clusterattack.victims.sources import parse_victim_spec
+
+    names, pairs = [], list(files)
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if _ZOO_NAME.match(entry):
+            names.append(entry)
+            continue
+        if sep and _ZOO_NAME.match(key):
+            name, spec = key, value
+        else:
+            spec = entry
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", parse_victim_spec(spec).display_name).strip("-.")
+        parse_victim_spec(spec)
+        names.append(name)
+        pairs.append((name, spec))
+    return names, pairs
+
+
+def check_sources(names: list[str], files: list[tuple[str, str]], dataset: str, gradient_source: str) -> None:
+    """Refuse, before any work, a source victim given by spec that the gradient source cannot attack."""
+    from clusterattack.victims.sources import for_gradient_source, parse_victim_spec, resolve_victim
+
+    given = dict(files)
+    for name in names:
+        # Models of this package admit every gradient source; only other specs are loaded here.
+        if name in given and parse_victim_spec(given[name]).kind not in ("registry", "file"):
+            for_gradient_source(resolve_victim(given[name], dataset=dataset), gradient_source, name)
+
+
 def build_config(args: argparse.Namespace):
     from clusterattack.analyses import NormCurvesConfig, TransferConfig
 
+    victims, files = named_victims(args.victims, args.victim_file)
+    sources: list[str] = []
+    if getattr(args, "sources", None):
+        sources, files = named_victims(args.sources, files)
+    with_generator = dict(getattr(args, "generator", []))
+    trained_here = [n for n in (sources or victims) if n not in with_generator]
+    check_sources(trained_here, files, args.dataset, args.gradient_source)
     common = {
         "dataset": args.dataset,
-        "victim_files": tuple(args.victim_file),
+        "victim_files": tuple(dict(files).items()),
         "norm": args.norm,
         "attack": attack_config(args),
         "seed": args.seed,
@@ -94,8 +146,8 @@ def build_config(args: argparse.Namespace):
     }
     if args.command == "matrix":
         return TransferConfig(
-            targets=tuple(args.victims),
-            sources=tuple(args.sources or ()),
+            targets=tuple(victims),
+            sources=tuple(sources),
             generators=tuple(args.generator),
             eps=args.eps,
             test_limit=args.test_limit or 8000,
@@ -104,7 +156,7 @@ def build_config(args: argparse.Namespace):
             **common,
         )
     return NormCurvesConfig(
-        victims=tuple(args.victims),
+        victims=tuple(victims),
         eps_values=tuple(args.eps_values),
         test_limit=args.test_limit or 2000,
         **common,

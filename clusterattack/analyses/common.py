@@ -73,12 +73,21 @@ def victim_source(name: str, dataset: str, files: Mapping[str, str] | None = Non
 
 
 def load_victim_named(name: str, dataset: str, files: Mapping[str, str] | None = None, device: str = "cpu"):
-    """The trained victim ``name`` on ``dataset`` in eval mode, weights frozen (no gradient is ever needed)."""
-    from clusterattack.victims.io import load_victim
+    """The trained victim ``name`` on ``dataset`` in eval mode, weights frozen (no gradient is ever needed).
 
-    model = load_victim(victim_source(name, dataset, files), device=device)
-    model.requires_grad_(False)
-    return model
+    ``files`` may map a name to any victim spec (docs/own-model.md); a decision-only one is
+    seen as the one-hot memberships of its cluster ids (scores need only the ids).
+    """
+    from clusterattack.victims.io import load_victim
+    from clusterattack.victims.sources import OneHotMemberships, is_decision_only, parse_victim_spec
+
+    source = victim_source(name, dataset, files)
+    # A model of our own says its input shape; another may need the data set's (and is checked on it).
+    own = parse_victim_spec(source).kind in ("registry", "file")
+    model = load_victim(source, device=device) if own else load_victim(source, device=device, dataset=dataset)
+    if isinstance(model, torch.nn.Module):
+        model.requires_grad_(False)
+    return OneHotMemberships(model) if is_decision_only(model) else model
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,8 @@ def load_model(source: VictimSource, device: str) -> torch.nn.Module:
     for attribute in ("num_clusters", "input_shape", "predict_proba"):
         if not hasattr(model, attribute):
             raise TypeError(f"victim {type(model).__name__} lacks {attribute!r} of the Victim contract")
-    return model.to(device).eval()
+    # A victim from a spec (ONNX, numpy, a foreign service) is no module: it runs where it is.
+    return model.to(device).eval() if isinstance(model, torch.nn.Module) else model
 
 
 @serve.deployment

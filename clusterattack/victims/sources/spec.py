@@ -94,7 +94,11 @@ class VictimSpec:
         if self.kind == "served":
             return self.target.rstrip("/").rsplit("/", 1)[-1]
         if self.kind == "mlflow":
-            return self.target.rstrip("/").split("/")[-2 if self.target.startswith("models:/") else -1]
+            scheme, sep, rest = self.target.partition(":/")
+            parts = [p for p in rest.split("/") if p] if sep and scheme in ("models", "runs") else []
+            if parts:
+                return parts[0] if scheme == "models" else f"run-{parts[0][:8]}"
+            return Path(self.target).name
         return Path(self.target).stem
 
     def with_options(self, extra: Mapping[str, Any] | None) -> VictimSpec:
