@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench results clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# docs/results.md and the README's headline table, from the records in docs/results/*.json.
+results: setup
+	$(PY) -m clusterattack.reports.records
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
