@@ -166,9 +166,8 @@ def test_exact_budget_with_a_replica_killed_mid_request(serve_env):
             _served(stats, "trap-request", 1)
 
     def kill_the_replica_holding_the_trap(stats: RunStats) -> None:
-        deadline = time.monotonic() + 120
-        while stats.served_images < BUDGET // 4 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        # Sent as the clients start, so its 1 image surely finds budget left; the kill then
+        # waits for nothing but the trap request being inside a replica.
         sender = threading.Thread(target=send_trap, args=(stats,), daemon=True)
         sender.start()
         holder = ray.get(gate.held.remote(), timeout=120)  # the trap request is inside `holder` now
@@ -185,7 +184,7 @@ def test_exact_budget_with_a_replica_killed_mid_request(serve_env):
         ray.get(gate.release.remote())
         ray.kill(gate)
     assert trap["replica"] in replicas
-    assert BUDGET // 4 <= trap["killed_at"] < BUDGET
+    assert trap["killed_at"] < BUDGET  # mid-run: the clients went on to spend the rest
     # The kill caught the trapped request: it failed in transit, was retried with its id,
     # ran again on another replica (the gate saw it twice) and was served.
     assert trap["status"] == 200 and trap["failures"] >= 1
