@@ -39,6 +39,7 @@ __all__ = [
     "REQUIRED_FIELDS",
     "Record",
     "RecordError",
+    "code_provenance",
     "load_record",
     "load_records",
     "main",
@@ -412,6 +413,23 @@ def mean_std(values: Iterable[float]) -> dict[str, float | int]:
         raise ValueError(f"mean_std needs finite values, got {values!r}")
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def code_provenance(tags: Mapping[str, str]) -> dict[str, Any]:
+    """``commit`` and ``dirty`` from a run's source tags (``tracking.store.source_tags()`` or an
+    MLflow run's tags: ``clusterattack.git_commit``, ``clusterattack.git_dirty``, and
+    ``clusterattack.git_diff`` kept as ``diff`` when the tree was dirty)."""
+    commit = tags.get("clusterattack.git_commit")
+    dirty = tags.get("clusterattack.git_dirty")
+    if not commit or dirty not in ("true", "false"):
+        raise ValueError(
+            "expected the tags clusterattack.git_commit and clusterattack.git_dirty ('true' or "
+            f"'false'), got {({k: v for k, v in tags.items() if k.startswith('clusterattack.git')})!r}"
+        )
+    out: dict[str, Any] = {"commit": commit, "dirty": dirty == "true"}
+    if tags.get("clusterattack.git_diff"):
+        out["diff"] = tags["clusterattack.git_diff"]
+    return out
 
 
 def write_record(

@@ -10,6 +10,7 @@ from clusterattack.reports.records import (
     HEADLINE_BEGIN,
     HEADLINE_END,
     RecordError,
+    code_provenance,
     format_value,
     load_record,
     load_records,
@@ -209,3 +210,14 @@ def test_cli_check_and_write(tmp_path, capsys):
     (results / "broken.json").write_text(json.dumps({"schema": 1}), encoding="utf-8")
     assert main([*args, "--check"]) == 2
     assert "broken.json" in capsys.readouterr().err
+
+
+def test_code_provenance_reads_the_runs_source_tags(tmp_path):
+    tags = {"clusterattack.git_commit": "a" * 40, "clusterattack.git_dirty": "true",
+            "clusterattack.git_diff": "0123456789ab", "mlflow.runName": "x"}
+    assert code_provenance(tags) == {"commit": "a" * 40, "dirty": True, "diff": "0123456789ab"}
+    clean = code_provenance({"clusterattack.git_commit": "b" * 40, "clusterattack.git_dirty": "false"})
+    record = load_record(write_record("tagged", [attack_row()], {**PROVENANCE, **clean}, title="t", folder=tmp_path))
+    assert record.rows[0]["commit"] == "b" * 40 and record.rows[0]["dirty"] is False
+    with pytest.raises(ValueError, match="clusterattack.git_commit"):
+        code_provenance({"mlflow.source.git.commit": "c" * 40})
