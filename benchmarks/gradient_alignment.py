@@ -36,7 +36,7 @@ from clusterattack.cli import key_value
 
 DEFAULT_VARIANTS = (
     "pretext=surrogate.arch=pretext",
-    "pretext-ens2-distinct=surrogate.arch=pretext,surrogate.ensemble=2,surrogate.backbones=distinct",
+    "pretext-ens2=surrogate.arch=pretext,surrogate.ensemble=2",
 )
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from clusterattack.attacks.losses import ATTACK_TERMS
 from clusterattack.precision import check_precision
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ATTACK_LOSSES",
+    "RETIRED_KEYS",
     "GAN_LOSSES",
     "GRADIENT_SOURCES",
     "NORMS",
@@ -20,14 +25,57 @@ __all__ = [
 
 NORMS = ("linf", "l2")
 GAN_LOSSES = ("lsgan", "log")
-ATTACK_LOSSES = ("paper", "mutual_info", "margin")
+#: Names of the attack terms (the registry ``clusterattack.attacks.losses.ATTACK_TERMS``).
+ATTACK_LOSSES = tuple(ATTACK_TERMS)
+#: Names of the gradient sources; ``clusterattack.attacks.gradients.GRADIENT_SOURCE_FACTORIES`` maps
+#: each to its class (and refuses to import when the two differ).
 GRADIENT_SOURCES = ("whitebox", "estimate", "surrogate")
 ESTIMATORS = ("nes", "spsa")
 PRIORS = ("none", "surrogate")
 SURROGATE_LOSSES = ("kl", "kl_logit")
 SURROGATE_ARCHS = ("convnet", "small", "pretext")
-SURROGATE_BACKBONES = ("shared", "distinct")
-DIVERSITIES = ("none", "shift", "shift_flip", "crop_flip")
+
+
+@dataclass(frozen=True)
+class Retired:
+    """A configuration key that measured nothing and was removed, and what took its place.
+
+    ``same_as``: the values that behave exactly as the code does now (a record that holds
+    one of them loads as if the key were absent); any other value ran an attack this version
+    no longer has.
+    """
+
+    replaced_by: str
+    same_as: tuple[Any, ...] = ()
+    any_value: bool = False  # the key did nothing without another retired setting
+
+
+#: Keys retired on 2026-12-06 (docs/experiments/: each measured no gain). ``override`` and
+#: ``--set`` refuse them naming their replacement; ``from_dict`` (checkpoints, generator files,
+#: sweep states, MLflow params) drops them when their value is what the code now does.
+RETIRED_KEYS: dict[str, Retired] = {
+    "surrogate.online_steps": Retired(
+        "one surrogate fine-tuning step per generator step (four measured 53.6% against 55.4% on SCAN)", (1,)
+    ),
+    "surrogate.finetune_augment": Retired(
+        "fine-tuning takes queried images as they are (augmenting them was the bug fixed on 2026-11-24)", (False,)
+    ),
+    "surrogate.diversity": Retired(
+        "gradients through the image itself (random views did not help the generator on RUC)", ("none",)
+    ),
+    "surrogate.diversity_draws": Retired("nothing: views were retired with surrogate.diversity", (1,)),
+    "surrogate.input_diversity": Retired("nothing: views were retired with surrogate.diversity", any_value=True),
+    "surrogate.backbones": Retired(
+        "one attacker backbone per ensemble member, always (shared ones aligned worse with the victim's "
+        "gradient and three heads on one did not gain)",
+        ("distinct",),
+    ),
+    "margin_kappa": Retired("nothing: the 'margin' attack term was retired", any_value=True),
+}
+#: Values of kept keys that were retired (attack_loss "margin": never ahead of mutual_info).
+RETIRED_VALUES: dict[tuple[str, Any], str] = {
+    ("attack_loss", "margin"): "attack_loss 'mutual_info' (the margin term never beat it)",
+}
 
 
 def _positive(name: str, value: float) -> None:
@@ -102,32 +150,20 @@ class SurrogateConfig:
     ``ensemble`` surrogates (different seeds) are averaged. ``arch`` "pretext" starts each
     surrogate from a SimCLR backbone the attacker trains itself (``pretext_epochs``, no
     labels, no queries, its own seed) on the attack's images, then distils it as the
-    others; ``width`` does not apply to it. With ``backbones`` "shared" every member starts
-    from that one backbone (only the heads differ); "distinct" gives member m a backbone of
-    its own (pretext seed + m), whose gradients disagree more and so average better. With
+    others; ``width`` does not apply to it. Member m of an ensemble gets a backbone of its
+    own (pretext seed + m): their gradients disagree, and so average better. With
     ``online`` each generator step also queries the victim on its batch of adversarial images (one
     image-query per training image per epoch): the attack term is evaluated on the
     victim's memberships, its gradient taken through the surrogate, and the surrogate
     fine-tuned on those points as it goes.
 
-    ``diversity`` takes the surrogate's gradient (the straight-through Jacobian, and the
-    estimate mode's transfer prior) through a random view of x_adv, a fresh one per step:
-    "shift" (up to ``input_diversity`` pixels), "shift_flip" (also a horizontal flip) or
-    "crop_flip" (a random crop of 70-100% of the area, resized back, and a flip: the weak
-    view deep clustering models are trained to be invariant to); ``diversity_draws`` views
-    are averaged per step (each costs a surrogate pass, no query). Perturbations that work
-    across such views transfer to the victim far better (Xie et al., CVPR 2019): against
-    RUC, per-image PGD on the ensemble moved 25% of the victim's assignments plain and 46%
-    through "shift_flip".
-
     ``augment`` shifts and flips the clean images the surrogate is distilled on (their
     memberships hold under such small moves). Fine-tuning on queried adversarial images
-    (online steps and refreshes) uses them as they are unless ``finetune_augment``: the
-    victim's answer belongs to that exact image, and a shifted adversarial image is
-    another point, often one the victim answers differently. On RUC, three epochs on
-    10,000 of a generator's adversarial images raised the cosine of the ensemble's
-    gradient with the victim's from 0.383 to 0.455 unaugmented and left it at 0.379
-    augmented.
+    (online steps and refreshes) uses them as they are: the victim's answer belongs to that
+    exact image, and a shifted adversarial image is another point, often one the victim
+    answers differently. On RUC, three epochs on 10,000 of a generator's adversarial images
+    raised the cosine of the ensemble's gradient with the victim's from 0.383 to 0.455
+    unaugmented and left it at 0.379 augmented.
     """
 
     distill_queries: int = 60_000
@@ -143,14 +179,8 @@ class SurrogateConfig:
     batch_size: int = 256
     loss: str = "kl_logit"
     augment: bool = True
-    finetune_augment: bool = False  # shift/flip also the points of online steps and refreshes
     online: bool = True
-    online_steps: int = 1  # surrogate fine-tuning steps per generator step (online)
-    pretext_epochs: int = 8  # SimCLR epochs of the attacker's own backbone (arch "pretext")
-    input_diversity: float = 2.0  # max random shift (pixels) of the "shift" views
-    diversity: str = "none"  # random view of x_adv the surrogate's gradient is taken through
-    diversity_draws: int = 1  # views averaged per step (expectation over views)
-    backbones: str = "shared"  # pretext ensemble: one attacker backbone, or one per member
+    pretext_epochs: int = 8  # SimCLR epochs of the attacker's own backbones (arch "pretext")
 
     def __post_init__(self) -> None:
         _positive_int("surrogate.distill_queries", self.distill_queries)
@@ -165,22 +195,7 @@ class SurrogateConfig:
         _positive_int("surrogate.batch_size", self.batch_size)
         _choice("surrogate.loss", self.loss, SURROGATE_LOSSES)
         _choice("surrogate.arch", self.arch, SURROGATE_ARCHS)
-        _positive_int("surrogate.online_steps", self.online_steps)
         _positive_int("surrogate.pretext_epochs", self.pretext_epochs)
-        _non_negative("surrogate.input_diversity", self.input_diversity)
-        _choice("surrogate.diversity", self.diversity, DIVERSITIES)
-        _positive_int("surrogate.diversity_draws", self.diversity_draws)
-        if self.diversity in ("shift", "shift_flip") and self.input_diversity <= 0:
-            raise ValueError(
-                f"surrogate.diversity {self.diversity!r} shifts by up to surrogate.input_diversity "
-                f"pixels, which must be > 0, got {self.input_diversity!r}"
-            )
-        _choice("surrogate.backbones", self.backbones, SURROGATE_BACKBONES)
-        if self.backbones == "distinct" and self.arch != "pretext":
-            raise ValueError(
-                f"surrogate.backbones 'distinct' needs surrogate.arch 'pretext' (got {self.arch!r}): "
-                "only the attacker's pretext backbones come in several"
-            )
 
     def total_queries(self) -> int:
         """Image-queries the surrogate costs in all (distillation, noise points, refreshes)."""
@@ -200,10 +215,8 @@ class AttackConfig:
     min(eps - ||G(x)||, 0)). ``attack_loss`` "paper" is the squared distance between clean
     and perturbed memberships; "mutual_info" the soft mutual information between clean
     and perturbed assignments over a batch (minimised), which breaks clusterings far more
-    at the same eps; "margin" the clean cluster's log-membership lead over the best other
-    one, floored at ``-margin_kappa`` (it counts cluster changes only, for victims whose
-    soft memberships let the MI term fall without any). ``target_cluster`` turns on the
-    targeted variant (footnote 9).
+    at the same eps (the terms are :data:`clusterattack.attacks.losses.ATTACK_TERMS`).
+    ``target_cluster`` turns on the targeted variant (footnote 9).
 
     The perturbation is always projected onto the ``norm`` ball of radius ``eps`` and the
     image clamped to [0, 1], so the bound holds whatever the generator outputs;
@@ -215,7 +228,6 @@ class AttackConfig:
     eps: float = 0.1
     attack_loss: str = "mutual_info"
     mi_temperature: float = 1.0  # sharpening of perturbed memberships in the MI term
-    margin_kappa: float = 1.0  # "margin" term: lead (nats) past which a moved image stops counting
     alpha_a: float = 10.0
     alpha_c: float = 1.0
     alpha_gan: float = 1.0
@@ -259,7 +271,6 @@ class AttackConfig:
             raise ValueError(f"eps for norm 'linf' on [0, 1] images must be <= 1, got {self.eps!r}")
         _choice("attack_loss", self.attack_loss, ATTACK_LOSSES)
         _positive("mi_temperature", self.mi_temperature)
-        _positive("margin_kappa", self.margin_kappa)
         _non_negative("alpha_a", self.alpha_a)
         _non_negative("alpha_c", self.alpha_c)
         _non_negative("alpha_gan", self.alpha_gan)
@@ -314,8 +325,17 @@ class AttackConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AttackConfig:
-        """Inverse of ``to_dict`` (also accepts the flat dotted form); unknown keys raise."""
+    def from_dict(cls, data: dict[str, Any], *, retired: str = "error") -> AttackConfig:
+        """Inverse of ``to_dict`` (also accepts the flat dotted form); unknown keys raise.
+
+        Keys retired since the record was written (:data:`RETIRED_KEYS`) are dropped when
+        their value is what the code now does; another value raises (``retired="error"``,
+        for configs that will train) or is dropped with a warning (``retired="drop"``, for
+        a record read only to perturb or to show, e.g. a saved generator).
+        """
+        if retired not in ("error", "drop"):
+            raise ValueError(f"retired must be 'error' or 'drop', got {retired!r}")
+        data = _without_retired(_flatten(data), retired)
         nested: dict[str, Any] = {}
         sub: dict[str, dict[str, Any]] = {"estimator": {}, "surrogate": {}}
         known = {f.name for f in fields(cls)}
@@ -323,8 +343,6 @@ class AttackConfig:
             head, _, tail = key.partition(".")
             if tail and head in sub:
                 sub[head][tail] = value
-            elif key in sub and isinstance(value, dict):
-                sub[key].update(value)
             elif key in known:
                 nested[key] = value
             else:
@@ -346,7 +364,11 @@ class AttackConfig:
     def override(self, **changes: Any) -> AttackConfig:
         """A validated copy with fields changed (dotted keys reach the nested configs)."""
         flat = self.flat()
-        for key in changes:
+        for key, value in changes.items():
+            if key in RETIRED_KEYS:
+                raise ValueError(f"attack config key {key!r} was retired: {RETIRED_KEYS[key].replaced_by}")
+            if isinstance(value, str | int | float | bool) and (key, value) in RETIRED_VALUES:
+                raise ValueError(f"{key}={value!r} was retired: use {RETIRED_VALUES[(key, value)]}")
             if key not in flat and key not in ("estimator", "surrogate"):
                 raise ValueError(f"unknown attack config key {key!r}")
         plain = {k: v for k, v in changes.items() if "." not in k and k not in ("estimator", "surrogate")}
@@ -360,3 +382,47 @@ class AttackConfig:
             surrogate=replace(surrogate, **sur),
             **plain,
         )
+
+
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    """``to_dict``'s nested form, or the flat dotted one, as flat dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("estimator", "surrogate") and isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _retired_is_noop(key: str, value: Any, data: dict[str, Any]) -> bool:
+    spec = RETIRED_KEYS[key]
+    if spec.any_value or value in spec.same_as:
+        return True
+    if key == "surrogate.backbones":
+        # One backbone shared by one member, or no attacker backbone at all: as now.
+        return int(data.get("surrogate.ensemble", 1)) == 1 or data.get("surrogate.arch") != "pretext"
+    return False
+
+
+def _without_retired(data: dict[str, Any], mode: str) -> dict[str, Any]:
+    out = dict(data)
+    for key in [k for k in out if k in RETIRED_KEYS]:
+        value = out.pop(key)
+        if _retired_is_noop(key, value, data):
+            continue
+        message = (
+            f"{key}={value!r} was retired ({RETIRED_KEYS[key].replaced_by}): this record was made by an "
+            "attack this version no longer runs"
+        )
+        if mode == "error":
+            raise ValueError(message)
+        log.warning("%s; read as if it were absent", message)
+    for (key, value), instead in RETIRED_VALUES.items():
+        if out.get(key) == value:
+            message = f"{key}={value!r} was retired: this version uses {instead}"
+            if mode == "error":
+                raise ValueError(message)
+            log.warning("%s; read with that", message)
+            out[key] = "mutual_info"
+    return out

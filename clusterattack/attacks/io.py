@@ -54,7 +54,8 @@ def load_generator(path: str | Path, device: str = "cpu") -> tuple[Generator, At
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise ValueError(f"{path} is not a generator file (format {FORMAT!r}), found {found!r}")
     try:
-        config = AttackConfig.from_dict(blob["config"])
+        # A generator only perturbs: keys retired since it was trained do not change that.
+        config = AttackConfig.from_dict(blob["config"], retired="drop")
     except ValueError as err:
         raise ValueError(
             f"{path}: its attack config does not load in this version of clusterattack ({err}); "

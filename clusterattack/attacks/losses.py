@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,12 +11,14 @@ from torch.nn import functional as F
 from clusterattack.attacks.generator import perturbation_norms
 
 __all__ = [
+    "ATTACK_TERMS",
     "attack_objective",
     "config_objective",
     "constraint_penalty",
     "discriminator_loss",
-    "flip_margin",
     "generator_gan_loss",
+    "mutual_info_term",
+    "paper_term",
     "membership_distance",
     "soft_mutual_information",
 ]
@@ -53,25 +56,35 @@ def soft_mutual_information(clean: torch.Tensor, perturbed: torch.Tensor) -> tor
     return (joint * (joint.log() - outer.log())).sum()
 
 
-def flip_margin(
-    clean: torch.Tensor, perturbed: torch.Tensor, kappa: float, target_cluster: int | None = None
+def paper_term(
+    clean: torch.Tensor, perturbed: torch.Tensor, target_cluster: int | None, mi_temperature: float
 ) -> torch.Tensor:
-    """Mean over images of a log-membership margin that reaches its floor once the image moves.
+    """The paper's term: minus the membership distance (the paper maximises L_attack); targeted
+    (footnote 9), the distance to the one-hot vector of ``target_cluster``, pulled to 0."""
+    if target_cluster is not None:
+        onehot = torch.zeros_like(perturbed)
+        onehot[:, target_cluster] = 1.0
+        return membership_distance(onehot, perturbed)
+    return -membership_distance(clean, perturbed)
 
-    Untargeted: log M'_y - max_{j != y} log M'_j with y the clean argmax, floored at
-    -kappa. It is positive while the image stays in its clean cluster and stops counting
-    once the image sits in another with a lead of kappa (nats), so flattening memberships
-    without moving an argmax earns little, and images already moved stop taking the
-    generator's capacity. Targeted: max_{j != t} log M'_j - log M'_t, floored alike.
-    """
-    logp = torch.log(perturbed.clamp_min(_TINY))
-    k = perturbed.shape[1]
-    y = clean.argmax(dim=1) if target_cluster is None else torch.full_like(clean[:, 0], target_cluster, dtype=torch.long)
-    own = F.one_hot(y, k).bool()
-    at_y = logp.gather(1, y[:, None]).squeeze(1)
-    best_other = logp.masked_fill(own, float("-inf")).max(dim=1).values
-    margin = at_y - best_other if target_cluster is None else best_other - at_y
-    return margin.clamp_min(-kappa).mean()
+
+def mutual_info_term(
+    clean: torch.Tensor, perturbed: torch.Tensor, target_cluster: int | None, mi_temperature: float
+) -> torch.Tensor:
+    """The soft mutual information of clean and perturbed assignments, perturbed rows sharpened
+    by ``mi_temperature`` so that flattening memberships without changing any argmax does not
+    count as success; targeted, the cross-entropy -log M_t (its information-theoretic
+    counterpart, which unlike the squared distance does not saturate when M_t is small)."""
+    if target_cluster is not None:
+        return -torch.log(perturbed[:, target_cluster].clamp_min(_TINY)).mean()
+    return soft_mutual_information(clean, sharpen(perturbed, mi_temperature))
+
+
+#: An attack term: (clean N x K, perturbed N x K, target cluster or None, mi_temperature) ->
+#: the scalar the generator minimises (already signed; weighted by alpha_a).
+AttackTerm = Callable[[torch.Tensor, torch.Tensor, "int | None", float], torch.Tensor]
+#: name -> attack term: what ``AttackConfig.attack_loss`` names (see docs/extending.md to add one).
+ATTACK_TERMS: dict[str, AttackTerm] = {"paper": paper_term, "mutual_info": mutual_info_term}
 
 
 def attack_objective(
@@ -80,21 +93,8 @@ def attack_objective(
     attack_loss: str,
     target_cluster: int | None = None,
     mi_temperature: float = 1.0,
-    margin_kappa: float = 1.0,
 ) -> torch.Tensor:
-    """The attack term the generator minimises (already signed; weighted by alpha_a).
-
-    - untargeted "paper": minus the membership distance (the paper maximises L_attack);
-    - untargeted "mutual_info": the soft mutual information of clean and perturbed
-      assignments, perturbed rows sharpened by ``mi_temperature`` so that flattening the
-      memberships without changing any argmax does not count as success;
-    - targeted (footnote 9), "paper": the distance between the perturbed memberships and
-      the one-hot vector of ``target_cluster``, pulled to 0;
-    - targeted, "mutual_info": the cross-entropy -log M_t (the information-theoretic
-      counterpart, which unlike the squared distance does not saturate when M_t is small);
-    - "margin", either way: ``flip_margin`` with floor ``margin_kappa``, a term that counts
-      cluster changes and nothing else.
-    """
+    """The attack term ``attack_loss`` names in :data:`ATTACK_TERMS`, checked and evaluated."""
     if clean.shape != perturbed.shape or clean.ndim != 2:
         raise ValueError(
             f"clean and perturbed memberships must both be N x K, got {tuple(clean.shape)} "
@@ -103,26 +103,15 @@ def attack_objective(
     k = perturbed.shape[1]
     if target_cluster is not None and not 0 <= target_cluster < k:
         raise ValueError(f"target_cluster must lie in 0..{k - 1}, got {target_cluster}")
-    if attack_loss == "margin":
-        return flip_margin(clean, perturbed, margin_kappa, target_cluster)
-    if target_cluster is not None:
-        if attack_loss == "mutual_info":
-            return -torch.log(perturbed[:, target_cluster].clamp_min(_TINY)).mean()
-        onehot = torch.zeros_like(perturbed)
-        onehot[:, target_cluster] = 1.0
-        return membership_distance(onehot, perturbed)
-    if attack_loss == "paper":
-        return -membership_distance(clean, perturbed)
-    if attack_loss == "mutual_info":
-        return soft_mutual_information(clean, sharpen(perturbed, mi_temperature))
-    raise ValueError(f"attack_loss must be 'paper', 'mutual_info' or 'margin', got {attack_loss!r}")
+    term = ATTACK_TERMS.get(attack_loss)
+    if term is None:
+        raise ValueError(f"attack_loss must be one of {sorted(ATTACK_TERMS)}, got {attack_loss!r}")
+    return term(clean, perturbed, target_cluster, mi_temperature)
 
 
 def config_objective(clean: torch.Tensor, perturbed: torch.Tensor, config: Any) -> torch.Tensor:
     """``attack_objective`` with the attack-term settings of an ``AttackConfig``."""
-    return attack_objective(
-        clean, perturbed, config.attack_loss, config.target_cluster, config.mi_temperature, config.margin_kappa
-    )
+    return attack_objective(clean, perturbed, config.attack_loss, config.target_cluster, config.mi_temperature)
 
 
 def constraint_penalty(g: torch.Tensor, norm: str, eps: float) -> torch.Tensor:

@@ -45,7 +45,6 @@ _RECIPES = (
             "epochs": 8,
             "surrogate.arch": "pretext",
             "surrogate.ensemble": 2,
-            "surrogate.backbones": "distinct",
             "surrogate.refresh_rounds": 7,
             "estimator.prior": "surrogate",
             "estimator.samples": 1,

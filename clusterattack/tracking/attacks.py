@@ -39,11 +39,10 @@ def attack_run_name(victim: str, config: Any) -> str:
 
     Beyond the gradient source, norm, eps and seed, the name carries the choices that
     change what a run measured when they differ from the defaults: the attack term, a
-    target cluster, a sharpened mutual-information term, the margin term's floor (``k``),
-    the loss weights (``aa`` alpha_a, ``ac`` alpha_c, ``ag`` alpha_gan), the generator's
+    target cluster, a sharpened mutual-information term, the loss weights (``aa`` alpha_a, ``ac`` alpha_c, ``ag`` alpha_gan), the generator's
     training images (``n``), its learning-rate steps (``lr<milestones>x<gamma>``), the
-    held-out images that pick the epoch kept (``sel``), the surrogate's architecture,
-    ensemble and input diversity, and the estimator's method, samples and transfer prior. Every parameter is logged with the run anyway; the
+    held-out images that pick the epoch kept (``sel``), the surrogate's architecture and
+    ensemble, and the estimator's method, samples and transfer prior. Every parameter is logged with the run anyway; the
     name is for telling runs apart in a list.
     """
     from clusterattack.attacks.config import AttackConfig, EstimatorConfig, SurrogateConfig
@@ -56,8 +55,6 @@ def attack_run_name(victim: str, config: Any) -> str:
     untargeted_mi = config.attack_loss == "mutual_info" and config.target_cluster is None
     if untargeted_mi and config.mi_temperature != AttackConfig.mi_temperature:
         parts.append(f"T{config.mi_temperature:g}")
-    if config.attack_loss == "margin" and config.margin_kappa != AttackConfig.margin_kappa:
-        parts.append(f"k{config.margin_kappa:g}")
     for tag, field in (("aa", "alpha_a"), ("ac", "alpha_c"), ("ag", "alpha_gan")):
         if getattr(config, field) != getattr(AttackConfig, field):
             parts.append(f"{tag}{getattr(config, field):g}")
@@ -72,14 +69,9 @@ def attack_run_name(victim: str, config: Any) -> str:
         if sur.arch != SurrogateConfig.arch:
             parts.append(sur.arch)
         if sur.ensemble != SurrogateConfig.ensemble:
-            parts.append(f"ens{sur.ensemble}" + ("d" if sur.backbones == "distinct" else ""))
-        if sur.diversity != SurrogateConfig.diversity:
-            draws = f"x{sur.diversity_draws}" if sur.diversity_draws != SurrogateConfig.diversity_draws else ""
-            parts.append(sur.diversity.replace("_", "") + draws)
+            parts.append(f"ens{sur.ensemble}")
         if sur.augment != SurrogateConfig.augment:
             parts.append("aug" if sur.augment else "noaug")
-        if sur.finetune_augment:
-            parts.append("ftaug")
     if config.gradient_source == "estimate":
         est = config.estimator
         if est.method != EstimatorConfig.method:

@@ -16,8 +16,8 @@ from clusterattack.attacks.gradients import WhiteBoxSource
         ("surrogate", {}),
         ("surrogate", {"surrogate.online": False}),
         ("surrogate", {"surrogate.arch": "pretext", "surrogate.pretext_epochs": 1}),
-        ("surrogate", {"surrogate.diversity": "crop_flip"}),
-        ("estimate", {"estimator.prior": "surrogate", "surrogate.diversity": "shift_flip"}),
+        ("surrogate", {"surrogate.ensemble": 2}),
+        ("estimate", {"estimator.prior": "surrogate"}),
     ],
 )
 def test_black_box_never_touches_the_victims_parameters(victim, blobs, source, changes, config, scores_only):

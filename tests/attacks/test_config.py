@@ -27,7 +27,6 @@ BAD = [
     ({"seed": 1.5}, "seed"),
     ({"device": ""}, "device"),
     ({"mi_temperature": 0.0}, "mi_temperature"),
-    ({"margin_kappa": -1.0}, "margin_kappa"),
     ({"attack_loss": "hinge"}, "attack_loss"),
 ]
 
@@ -50,11 +49,8 @@ def test_bad_attack_config_is_rejected_naming_the_field(changes, name):
         (SurrogateConfig, {"refresh_rounds": -1}, "refresh_rounds"),
         (SurrogateConfig, {"ensemble": 0}, "ensemble"),
         (SurrogateConfig, {"loss": "mse"}, "loss"),
-        (SurrogateConfig, {"backbones": "separate"}, "backbones"),
-        (SurrogateConfig, {"backbones": "distinct", "arch": "small"}, "backbones 'distinct' needs surrogate.arch"),
-        (SurrogateConfig, {"diversity": "rotate"}, "surrogate.diversity"),
-        (SurrogateConfig, {"diversity_draws": 0}, "surrogate.diversity_draws"),
-        (SurrogateConfig, {"diversity": "shift", "input_diversity": 0.0}, "input_diversity pixels, which must be > 0"),
+        (SurrogateConfig, {"arch": "resnet"}, "surrogate.arch"),
+        (SurrogateConfig, {"pretext_epochs": 0}, "surrogate.pretext_epochs"),
     ],
 )
 def test_bad_nested_config_is_rejected(cls, changes, name):
@@ -120,20 +116,11 @@ def test_attack_run_names_tell_apart_what_changes_the_attack():
     assert attack_run_name("cc", base) == "cc-surrogate-linf-eps0.1-s0"
     # Two runs that differ only in the sharpening of the MI term no longer share a name.
     assert attack_run_name("mice", base.override(mi_temperature=0.3)) == "mice-surrogate-linf-eps0.1-T0.3-s0"
-    diverse = base.override(**{"surrogate.diversity": "shift_flip"})
-    assert attack_run_name("ruc", diverse) == "ruc-surrogate-linf-eps0.1-shiftflip-s0"
-    drawn = diverse.override(**{"surrogate.diversity_draws": 4})
-    assert attack_run_name("ruc", drawn) == "ruc-surrogate-linf-eps0.1-shiftflipx4-s0"
-    # Fine-tuning on augmented adversarial images was the behaviour before; a run asking for it says so.
-    ftaug = base.override(**{"surrogate.finetune_augment": True})
-    assert attack_run_name("ruc", ftaug) == "ruc-surrogate-linf-eps0.1-ftaug-s0"
     # The surrogate is distilled on shifted and flipped images by default; a run without says so.
     assert base.surrogate.augment is True
     plain = base.override(**{"surrogate.augment": False})
     assert attack_run_name("ruc", plain) == "ruc-surrogate-linf-eps0.1-noaug-s0"
     assert attack_run_name("ruc", base.override(**{"surrogate.augment": True})) == "ruc-surrogate-linf-eps0.1-s0"
-    margin = base.override(attack_loss="margin", margin_kappa=2.0, mi_temperature=0.3)
-    assert attack_run_name("ruc", margin) == "ruc-surrogate-linf-eps0.1-margin-k2-s0"
     black = base.override(
         gradient_source="estimate", eps=0.05, seed=3,
         **{"estimator.prior": "surrogate", "estimator.samples": 1, "surrogate.arch": "pretext"},
@@ -148,10 +135,65 @@ def test_attack_run_names_tell_apart_what_changes_the_attack():
     assert attack_run_name("nnm", base.override(attack_loss="paper", **{"surrogate.ensemble": 3})) == (
         "nnm-surrogate-linf-eps0.1-paper-ens3-s0"
     )
-    distinct = base.override(**{"surrogate.arch": "pretext", "surrogate.ensemble": 2, "surrogate.backbones": "distinct"})
-    assert attack_run_name("nnm", distinct) == "nnm-surrogate-linf-eps0.1-pretext-ens2d-s0"
+    ensemble = base.override(**{"surrogate.arch": "pretext", "surrogate.ensemble": 2})
+    assert attack_run_name("nnm", ensemble) == "nnm-surrogate-linf-eps0.1-pretext-ens2-s0"
     # Loss weights, the generator's images and its learning-rate steps each change a result.
     tuned = base.override(
         alpha_a=100.0, alpha_gan=0.0, train_limit=60000, lr_milestones=(4, 6), lr_gamma=0.3, select_images=2000
     )
     assert attack_run_name("spice", tuned) == "spice-surrogate-linf-eps0.1-aa100-ag0-n60000-lr4_6x0.3-sel2000-s0"
+
+
+RETIRED = [
+    ("surrogate.online_steps", 4, "one surrogate fine-tuning step"),
+    ("surrogate.finetune_augment", True, "as they are"),
+    ("surrogate.diversity", "shift_flip", "through the image itself"),
+    ("surrogate.diversity_draws", 4, "views were retired"),
+    ("surrogate.input_diversity", 1.0, "views were retired"),
+    ("surrogate.backbones", "shared", "one attacker backbone per ensemble member"),
+    ("margin_kappa", 2.0, "margin"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "replacement"), RETIRED)
+def test_a_retired_key_is_refused_naming_what_replaced_it(key, value, replacement):
+    from clusterattack.attacks.config import RETIRED_KEYS
+
+    assert key in RETIRED_KEYS and key not in AttackConfig().flat()
+    with pytest.raises(ValueError, match=rf"{key.replace('.', '[.]')}' was retired: .*{replacement}"):
+        AttackConfig().override(**{key: value})
+    with pytest.raises(ValueError, match="attack_loss='margin' was retired: use attack_loss 'mutual_info'"):
+        AttackConfig().override(attack_loss="margin")
+
+
+def test_records_of_retired_keys_still_load():
+    """A checkpoint, generator file or MLflow record written before the retirement: keys whose
+    value is what the code now does are dropped; others refuse to train and load to perturb."""
+    old = AttackConfig(eps=0.05).to_dict()
+    old["surrogate"].update(online_steps=1, finetune_augment=False, diversity="none", diversity_draws=1,
+                            input_diversity=2.0, backbones="shared")  # fmt: skip
+    old["margin_kappa"] = 1.0
+    assert AttackConfig.from_dict(old) == AttackConfig(eps=0.05)
+    flat = {**AttackConfig().flat(), "surrogate.backbones": "distinct", "surrogate.online_steps": 1}
+    assert AttackConfig.from_dict(flat) == AttackConfig()
+    # "shared" backbones under an ensemble of pretext members ran another attack.
+    shared = {**flat, "surrogate.arch": "pretext", "surrogate.ensemble": 2, "surrogate.backbones": "shared"}
+    with pytest.raises(ValueError, match="surrogate.backbones='shared' was retired"):
+        AttackConfig.from_dict(shared)
+    assert AttackConfig.from_dict(shared, retired="drop").surrogate.ensemble == 2
+    views = {**AttackConfig().to_dict(), "attack_loss": "margin"}
+    with pytest.raises(ValueError, match="attack_loss='margin' was retired"):
+        AttackConfig.from_dict(views)
+    assert AttackConfig.from_dict(views, retired="drop").attack_loss == "mutual_info"
+    with pytest.raises(ValueError, match="retired must be 'error' or 'drop'"):
+        AttackConfig.from_dict(flat, retired="ignore")
+
+
+def test_attack_terms_and_gradient_sources_are_registries_the_config_follows():
+    from clusterattack.attacks.config import ATTACK_LOSSES, GRADIENT_SOURCES
+    from clusterattack.attacks.gradients import GRADIENT_SOURCE_FACTORIES
+    from clusterattack.attacks.losses import ATTACK_TERMS
+
+    assert ATTACK_LOSSES == tuple(ATTACK_TERMS) == ("paper", "mutual_info")
+    assert set(GRADIENT_SOURCES) == set(GRADIENT_SOURCE_FACTORIES) == {"whitebox", "estimate", "surrogate"}
+    assert len(AttackConfig().flat()) == 48  # 55 before the seven retired keys

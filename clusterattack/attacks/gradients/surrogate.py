@@ -28,7 +28,6 @@ from clusterattack.attacks.gradients.pretext import (
     pretext_surrogate_shell,
 )
 from clusterattack.precision import autocast
-from clusterattack.victims.augment import WEAK, crop_flip
 from clusterattack.victims.base import Victim
 
 __all__ = ["SurrogateNet", "SurrogateSource", "distill", "refresh_epochs", "without_queried_points"]
@@ -225,10 +224,8 @@ class SurrogateSource(GradientSource):
         self.pretext_seed = seed + 7919
 
     def pretext_seeds(self) -> list[int]:
-        """The pretext seed of each ensemble member's attacker backbone."""
-        if self.config.backbones == "distinct":
-            return [self.pretext_seed + m for m in range(self.config.ensemble)]
-        return [self.pretext_seed] * self.config.ensemble
+        """The pretext seed of each ensemble member's attacker backbone (one backbone each)."""
+        return [self.pretext_seed + m for m in range(self.config.ensemble)]
 
     def _noise_points(self, images: torch.Tensor, count: int) -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (count,), generator=self.generator)
@@ -366,10 +363,7 @@ class SurrogateSource(GradientSource):
     def memberships(self, x_adv: torch.Tensor) -> torch.Tensor:
         if not self.models:
             raise RuntimeError("surrogate used before prepare(): no model has been distilled")
-        # Input diversity (Xie et al., CVPR 2019): the gradient of a random view favours
-        # perturbations that survive small moves, which transfer better than ones tuned to
-        # the surrogate's exact pixel grid.
-        local = self._viewed_probs(x_adv)
+        local = self._ensemble_probs(x_adv)
         if not self.config.online:
             return local
         queried = query_memberships(self.victim, x_adv, self.query_batch).to(local.device)
@@ -387,8 +381,7 @@ class SurrogateSource(GradientSource):
             return
         x_adv, y_adv = self._pending
         self._pending = None
-        for _ in range(self.config.online_steps):
-            self.fit_step(x_adv, y_adv)
+        self.fit_step(x_adv, y_adv)
 
     def fit_step(self, x_new: torch.Tensor, y_new: torch.Tensor) -> None:
         """One fine-tuning step of every member on fresh victim answers plus as many clean points.
@@ -398,8 +391,6 @@ class SurrogateSource(GradientSource):
         pick = torch.randint(0, self._pool_x[0].shape[0], (x_new.shape[0],), generator=self.generator)
         x = torch.cat([x_new.detach().cpu(), self._pool_x[0][pick]])
         y = torch.cat([y_new.detach().cpu(), self._pool_y[0][pick]])
-        if self.config.finetune_augment:
-            x = _shift_flip(x, self.generator)
         x, y = x.to(self.device), y.to(self.device)
         # Also called from inside an autograd backward pass, where grad mode is off.
         with torch.enable_grad():
@@ -413,31 +404,14 @@ class SurrogateSource(GradientSource):
                 opt.step()
                 model.eval()
 
-    def _view(self, x: torch.Tensor) -> torch.Tensor:
-        """A random view of ``config.diversity`` (not "none"), differentiable in ``x``.
-
-        "crop_flip" is the victims' own weak view (``victims.augment.WEAK``).
-        """
-        kind = self.config.diversity
-        if kind == "crop_flip":
-            return crop_flip(x, WEAK, self.generator)
-        return _shift_flip(x, self.generator, self.config.input_diversity, flip=kind == "shift_flip")
-
-    def _viewed_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """The ensemble's memberships averaged over ``diversity_draws`` random views of ``x``."""
-        if self.config.diversity == "none":
-            return self._ensemble_probs(x)
-        draws = [self._ensemble_probs(self._view(x)) for _ in range(self.config.diversity_draws)]
-        return torch.stack(draws).mean(0)
-
     def input_gradient(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """d/dx of sum_i weights_i . s(v(x_i)), s the ensemble's memberships, v the diversity view.
+        """d/dx of sum_i weights_i . s(x_i), s the ensemble's memberships.
 
         The transfer prior of the estimate mode (and what the alignment benchmark measures).
         """
         with torch.enable_grad():
             x = x.detach().to(self.device).requires_grad_(True)
-            probs = self._viewed_probs(x)
+            probs = self._ensemble_probs(x)
             (grad,) = torch.autograd.grad((probs * weights.to(self.device)).sum(), x)
         return grad.detach()
 
@@ -467,7 +441,8 @@ class SurrogateSource(GradientSource):
         pick = torch.randint(0, self._pool_x[0].shape[0], (adv_x.shape[0],), generator=self.generator)
         fx = torch.cat([adv_x, self._pool_x[0][pick]])
         fy = torch.cat([adv_y, self._pool_y[0][pick]])
-        tune = dataclasses.replace(self.config, lr=self.config.lr * 0.5, augment=self.config.finetune_augment)
+        # Queried adversarial points as they are: the victim answered for that exact image.
+        tune = dataclasses.replace(self.config, lr=self.config.lr * 0.5, augment=False)
         for model in self.models:
             distill(
                 model, fx, fy, self.config.refresh_epochs, tune, self.generator, self.device,
@@ -483,7 +458,5 @@ class SurrogateSource(GradientSource):
         out.update({f"surrogate.{k}": v for k, v in vars(self.config).items()})
         out["surrogate.refresh_after_epochs"] = ",".join(map(str, self.schedule))
         if self.config.arch == "pretext":
-            out["surrogate.pretext_seed"] = self.pretext_seed
-            if self.config.backbones == "distinct":
-                out["surrogate.pretext_seeds"] = ",".join(map(str, self.pretext_seeds()))
+            out["surrogate.pretext_seeds"] = ",".join(map(str, self.pretext_seeds()))
         return out
