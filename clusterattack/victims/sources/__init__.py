@@ -17,7 +17,12 @@ from clusterattack.victims.sources.decision import (
     is_differentiable,
 )
 from clusterattack.victims.sources.resolve import VictimFactory, describe_victim, resolve_victim
-from clusterattack.victims.sources.spec import KINDS, VictimSpec, VictimSpecError, parse_victim_spec
+from clusterattack.victims.sources.spec import (
+    KINDS,
+    ParsedVictimSpec,
+    VictimSpecError,
+    parse_victim_spec,
+)
 
 __all__ = [
     "KINDS",
@@ -25,7 +30,7 @@ __all__ = [
     "OneHotMemberships",
     "VictimAnswerError",
     "VictimFactory",
-    "VictimSpec",
+    "ParsedVictimSpec",
     "VictimSpecError",
     "check_memberships",
     "describe_victim",

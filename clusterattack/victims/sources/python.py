@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clusterattack.victims.sources.spec import VictimSpec, VictimSpecError
+from clusterattack.victims.sources.spec import ParsedVictimSpec, VictimSpecError
 
 __all__ = ["PythonBackend", "import_attribute", "load_python_object"]
 
@@ -99,7 +99,7 @@ def _import_module(module_name: str, text: str):
         ) from exc
 
 
-def import_attribute(spec: VictimSpec) -> Any:
+def import_attribute(spec: ParsedVictimSpec) -> Any:
     """The attribute a ``python`` spec names (module imported or file run), or VictimSpecError."""
     where, _, attr = spec.target.rpartition(":")
     module = _module_from_file(Path(where), spec.text) if where.endswith(".py") else _import_module(where, spec.text)
@@ -121,7 +121,7 @@ def _is_model(obj: Any) -> bool:
     )
 
 
-def load_python_object(spec: VictimSpec) -> Any:
+def load_python_object(spec: ParsedVictimSpec) -> Any:
     """The model a ``python`` spec names: the factory's result (kwargs from the extra options)."""
     attr = import_attribute(spec)
     kwargs = {k: _convert(v) for k, v in spec.options.items() if k not in _RESERVED}

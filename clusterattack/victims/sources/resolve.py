@@ -24,7 +24,7 @@ from torch import nn
 from clusterattack.victims.sources.answers import as_tensor, check_memberships
 from clusterattack.victims.sources.decision import OneHotMemberships, is_decision_only
 from clusterattack.victims.sources.spec import (
-    VictimSpec,
+    ParsedVictimSpec,
     VictimSpecError,
     parse_shape,
     parse_victim_spec,
@@ -56,7 +56,7 @@ def _dataset_shape(dataset: DatasetLike) -> tuple[tuple[int, int, int] | None, s
     return tuple(int(v) for v in shape), str(getattr(dataset, "name", ""))  # type: ignore[return-value]
 
 
-def _check_shape(spec: VictimSpec, shape: tuple[int, ...], data_shape: tuple[int, int, int] | None, data_name: str) -> None:
+def _check_shape(spec: ParsedVictimSpec, shape: tuple[int, ...], data_shape: tuple[int, int, int] | None, data_name: str) -> None:
     if data_shape is not None and tuple(shape) != tuple(data_shape):
         raise VictimSpecError(
             f"victim {spec.text!r} takes images {'x'.join(map(str, shape))} (C x H x W) but the data set "
@@ -64,7 +64,7 @@ def _check_shape(spec: VictimSpec, shape: tuple[int, ...], data_shape: tuple[int
         )
 
 
-def _reconcile(spec: VictimSpec, key: str, said: Any, option: Any) -> Any:
+def _reconcile(spec: ParsedVictimSpec, key: str, said: Any, option: Any) -> Any:
     if said is not None and option is not None and said != option:
         raise VictimSpecError(
             f"victim {spec.text!r}: option {key}={spec.options[key]} contradicts the model, which says {said!r}"
@@ -77,7 +77,7 @@ def _probe_images(shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 def _from_backend(
-    spec: VictimSpec,
+    spec: ParsedVictimSpec,
     backend: Any,
     declared: dict[str, Any],
     *,
@@ -148,7 +148,7 @@ def _contract_module(obj: Any) -> bool:
     )
 
 
-def _checked_module(spec: VictimSpec, model: nn.Module, data_shape, data_name, device, probe: bool) -> nn.Module:
+def _checked_module(spec: ParsedVictimSpec, model: nn.Module, data_shape, data_name, device, probe: bool) -> nn.Module:
     """A torch module of the Victim contract, kept as it is (autograd, ``features``), checked."""
     shape = tuple(int(v) for v in model.input_shape)
     for key, said in (("clusters", int(model.num_clusters)), ("shape", shape)):
@@ -165,7 +165,7 @@ def _checked_module(spec: VictimSpec, model: nn.Module, data_shape, data_name, d
     return model
 
 
-def _python(spec: VictimSpec, data_shape, data_name, device, probe):
+def _python(spec: ParsedVictimSpec, data_shape, data_name, device, probe):
     from clusterattack.victims.sources.python import (
         PythonBackend,
         default_input_format,
@@ -271,7 +271,7 @@ def _replace(obj: Any, **changes: Any) -> Any:
 
 
 def resolve_victim(
-    spec: str | Path | tuple[str, str] | VictimSpec,
+    spec: str | Path | tuple[str, str] | ParsedVictimSpec,
     *,
     dataset: DatasetLike = None,
     options: Mapping[str, Any] | None = None,
@@ -293,13 +293,13 @@ def resolve_victim(
     Returns a Victim (``predict_proba``) or a decision-only victim (``predict`` only);
     raises VictimSpecError (a ValueError) naming the fault.
     """
-    parsed = spec if isinstance(spec, VictimSpec) else parse_victim_spec(spec)
+    parsed = spec if isinstance(spec, ParsedVictimSpec) else parse_victim_spec(spec)
     parsed = parsed.with_options(options)
     data_shape, data_name = _dataset_shape(dataset)
     device = str(device)
     kind = parsed.kind
     if kind == "file" and (Path(parsed.target) / "MLmodel").is_file():
-        parsed = VictimSpec(parsed.text, "mlflow", parsed.target, parsed.options)
+        parsed = ParsedVictimSpec(parsed.text, "mlflow", parsed.target, parsed.options)
         kind = "mlflow"
     if kind in ("registry", "file"):
         from clusterattack.victims.io import load_builtin_victim

@@ -32,7 +32,7 @@ from urllib.parse import unquote
 __all__ = [
     "KINDS",
     "OUTPUTS",
-    "VictimSpec",
+    "ParsedVictimSpec",
     "VictimSpecError",
     "parse_shape",
     "parse_victim_spec",
@@ -68,7 +68,7 @@ class VictimSpecError(ValueError):
 
 
 @dataclass(frozen=True)
-class VictimSpec:
+class ParsedVictimSpec:
     """A parsed specification: ``kind`` (one of KINDS), ``target`` (path, URI, module:attr), options.
 
     ``options`` are strings as written (``clusters`` and ``shape`` checked); ``text`` is the
@@ -101,13 +101,13 @@ class VictimSpec:
             return Path(self.target).name
         return Path(self.target).stem
 
-    def with_options(self, extra: Mapping[str, Any] | None) -> VictimSpec:
+    def with_options(self, extra: Mapping[str, Any] | None) -> ParsedVictimSpec:
         """This spec with ``extra`` options added (they win over the text's), checked again."""
         if not extra:
             return self
         merged = {**self.options, **{str(k): _option_text(v) for k, v in extra.items()}}
         _check_options(self.kind, self.text, merged)
-        return VictimSpec(self.text, self.kind, self.target, merged)
+        return ParsedVictimSpec(self.text, self.kind, self.target, merged)
 
 
 def _option_text(value: Any) -> str:
@@ -187,7 +187,7 @@ def _python_target(head: str, text: str) -> str:
     return f"{where}:{attr}"
 
 
-def parse_victim_spec(spec: str | Path | tuple[str, str]) -> VictimSpec:
+def parse_victim_spec(spec: str | Path | tuple[str, str]) -> ParsedVictimSpec:
     """Parse and check the text of a victim specification; nothing is imported, read or asked.
 
     Raises VictimSpecError naming what is wrong (an unknown option, a malformed module
@@ -197,14 +197,14 @@ def parse_victim_spec(spec: str | Path | tuple[str, str]) -> VictimSpec:
     if isinstance(spec, tuple):
         if len(spec) != 2 or not all(isinstance(p, str) and p for p in spec):
             raise VictimSpecError(f"a zoo victim is (model, dataset), got {spec!r}")
-        return VictimSpec(f"{spec[0]}/{spec[1]}", "registry", f"victim-{spec[0]}-{spec[1]}")
+        return ParsedVictimSpec(f"{spec[0]}/{spec[1]}", "registry", f"victim-{spec[0]}-{spec[1]}")
     if isinstance(spec, Path):
         spec = str(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise VictimSpecError(f"a victim spec must be a non-empty string, got {spec!r}")
     text = spec.strip()
     if text.startswith(("http://", "https://")):
-        return VictimSpec(text, "served", text)
+        return ParsedVictimSpec(text, "served", text)
     head, options = _split_options(text)
     if head.startswith("py:") or re.search(r"\.py:[^/\\]+$", head):
         kind, target = "python", _python_target(head, text)
@@ -228,4 +228,4 @@ def parse_victim_spec(spec: str | Path | tuple[str, str]) -> VictimSpec:
     if not target:
         raise VictimSpecError(f"victim spec {text!r} names no {kind} target after its prefix")
     _check_options(kind, text, options)
-    return VictimSpec(text, kind, target, options)
+    return ParsedVictimSpec(text, kind, target, options)

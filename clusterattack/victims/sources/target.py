@@ -24,7 +24,7 @@ from clusterattack.victims.sources.decision import (
     is_decision_only,
 )
 from clusterattack.victims.sources.resolve import DatasetLike, describe_victim, resolve_victim
-from clusterattack.victims.sources.spec import VictimSpec, parse_victim_spec
+from clusterattack.victims.sources.spec import ParsedVictimSpec, parse_victim_spec
 
 __all__ = ["AttackTarget", "open_attack_target"]
 
@@ -47,7 +47,7 @@ def _scoring_view(victim: Any) -> Any:
 
 
 def open_attack_target(
-    spec: str | VictimSpec,
+    spec: str | ParsedVictimSpec,
     *,
     gradient_source: str,
     dataset: DatasetLike = None,
@@ -66,7 +66,7 @@ def open_attack_target(
     """
     from clusterattack.attacks.counting import CountingVictim
 
-    parsed = (spec if isinstance(spec, VictimSpec) else parse_victim_spec(spec)).with_options(options)
+    parsed = (spec if isinstance(spec, ParsedVictimSpec) else parse_victim_spec(spec)).with_options(options)
     remote = parsed.kind == "adapter" or (parsed.kind == "served" and "adapter" in parsed.options)
     if parsed.kind == "served" and not remote:
         victim = resolve_victim(parsed, dataset=dataset, api_key=api_key)
