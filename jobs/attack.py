@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from clusterattack.attacks import AttackConfig, run_attack
+from clusterattack.attacks import AttackConfig, CountingVictim, run_attack
 from clusterattack.attacks.config import (
     ATTACK_LOSSES,
     GAN_LOSSES,
@@ -153,7 +153,7 @@ def open_victims(args: argparse.Namespace, spent: int = 0, dataset=None):
     target = open_attack_target(
         args.victim, gradient_source=args.gradient_source, dataset=dataset, options=options,
         api_key=args.api_key, eval_api_key=args.eval_api_key, budget=args.budget, spent=spent,
-        device=args.device,
+        device=args.device, counter=CountingVictim,
     )
     log.info("victim %s: %s", target.name, target.description)
     return target.victim, target.scorer, target.name

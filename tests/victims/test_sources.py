@@ -363,9 +363,16 @@ def test_zoo_files_still_load_and_are_checked_against_the_data_set(tmp_path):
         load_victim("no-such-thing")
 
 
-def test_a_served_url_needs_a_key_or_an_adapter():
+def test_a_served_url_needs_a_key_or_an_adapter_and_must_be_reachable():
+    import socket
+
     with pytest.raises(VictimSpecError, match="API key is required .* adapter"):
         resolve_victim("http://127.0.0.1:9/cc")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(VictimSpecError, match=f"cannot reach http://127.0.0.1:{port}/cc"):
+        resolve_victim(f"http://127.0.0.1:{port}/cc", api_key="k")
 
 
 def test_probe_uses_few_seeded_images():

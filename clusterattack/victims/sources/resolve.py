@@ -311,12 +311,14 @@ def resolve_victim(
             return _adapter(parsed, parsed.options["adapter"], parsed.target, data_shape, data_name,
                             api_key, max_image_queries, check=True)
         from clusterattack.serving import ServedVictim
+        from clusterattack.victims.sources.remote import check_reachable
 
         if not api_key:
             raise VictimSpecError(
                 f"an API key is required for the served victim {parsed.target} (--api-key); for a service "
                 "that is not ours, give its adapter (--adapter FILE or adapter:FILE)"
             )
+        check_reachable(parsed.target)  # a clear error now, not five retries of a refused connection
         victim = ServedVictim(parsed.target, api_key, device="cpu")
         _check_shape(parsed, victim.input_shape, data_shape, data_name)
         return victim

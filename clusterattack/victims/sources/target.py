@@ -12,7 +12,7 @@ wrapper.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,14 +57,17 @@ def open_attack_target(
     budget: int | None = None,
     spent: int = 0,
     device: str = "cpu",
+    counter: Callable[..., Any] | None = None,
 ) -> AttackTarget:
     """Resolve ``spec`` for an attack with ``gradient_source``; see the module docstring.
 
     ``budget``: image-queries the attack may spend (a local victim's ``CountingVictim``
     budget, a foreign service's cap); ``spent``: what a resumed attack already spent of it
-    (a server's ledger remembers that by itself).
+    (a server's ledger remembers that by itself). ``counter(model, budget=None)`` wraps a
+    local model (default ``CountingVictim``; a job passes its own so tests can replace it).
     """
-    from clusterattack.attacks.counting import CountingVictim
+    if counter is None:
+        from clusterattack.attacks.counting import CountingVictim as counter
 
     parsed = (spec if isinstance(spec, ParsedVictimSpec) else parse_victim_spec(spec)).with_options(options)
     remote = parsed.kind == "adapter" or (parsed.kind == "served" and "adapter" in parsed.options)
@@ -92,6 +95,6 @@ def open_attack_target(
         model.requires_grad_(False)
     description = describe_victim(model)
     model = for_gradient_source(model, gradient_source, name)
-    scorer = CountingVictim(model) if budget is not None else None
+    scorer = counter(model) if budget is not None else None
     local_budget = None if budget is None else max(budget - spent, 0)
-    return AttackTarget(CountingVictim(model, budget=local_budget), scorer, name, description)
+    return AttackTarget(counter(model, budget=local_budget), scorer, name, description)
