@@ -155,7 +155,11 @@ class SurrogateConfig:
     ``online`` each generator step also queries the victim on its batch of adversarial images (one
     image-query per training image per epoch): the attack term is evaluated on the
     victim's memberships, its gradient taken through the surrogate, and the surrogate
-    fine-tuned on those points as it goes.
+    fine-tuned on those points as it goes. ``online_fraction`` < 1 asks only that share of
+    each batch: the images nearest the ensemble's decision boundary (smallest lead of its
+    first cluster over its second), where the victim's answer teaches the surrogate most and
+    where the generator is about to move images across; the others keep the surrogate's
+    memberships.
 
     ``augment`` shifts and flips the clean images the surrogate is distilled on (their
     memberships hold under such small moves). Fine-tuning on queried adversarial images
@@ -180,6 +184,7 @@ class SurrogateConfig:
     loss: str = "kl_logit"
     augment: bool = True
     online: bool = True
+    online_fraction: float = 1.0  # share of each batch queried online (the least sure first)
     pretext_epochs: int = 8  # SimCLR epochs of the attacker's own backbones (arch "pretext")
 
     def __post_init__(self) -> None:
@@ -196,6 +201,8 @@ class SurrogateConfig:
         _choice("surrogate.loss", self.loss, SURROGATE_LOSSES)
         _choice("surrogate.arch", self.arch, SURROGATE_ARCHS)
         _positive_int("surrogate.pretext_epochs", self.pretext_epochs)
+        if not isinstance(self.online_fraction, int | float) or not 0 < self.online_fraction <= 1:
+            raise ValueError(f"surrogate.online_fraction must lie in (0, 1], got {self.online_fraction!r}")
 
     def total_queries(self) -> int:
         """Image-queries the surrogate costs in all (distillation, noise points, refreshes)."""

@@ -72,6 +72,8 @@ def attack_run_name(victim: str, config: Any) -> str:
             parts.append(f"ens{sur.ensemble}")
         if sur.augment != SurrogateConfig.augment:
             parts.append("aug" if sur.augment else "noaug")
+        if sur.online and sur.online_fraction != SurrogateConfig.online_fraction:
+            parts.append(f"of{sur.online_fraction:g}")
     if config.gradient_source == "estimate":
         est = config.estimator
         if est.method != EstimatorConfig.method:

@@ -196,4 +196,4 @@ def test_attack_terms_and_gradient_sources_are_registries_the_config_follows():
 
     assert ATTACK_LOSSES == tuple(ATTACK_TERMS) == ("paper", "mutual_info")
     assert set(GRADIENT_SOURCES) == set(GRADIENT_SOURCE_FACTORIES) == {"whitebox", "estimate", "surrogate"}
-    assert len(AttackConfig().flat()) == 48  # 55 before the seven retired keys
+    assert len(AttackConfig().flat()) == 49  # 55 before the seven retired keys; online_fraction since

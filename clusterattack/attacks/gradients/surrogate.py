@@ -366,14 +366,34 @@ class SurrogateSource(GradientSource):
         local = self._ensemble_probs(x_adv)
         if not self.config.online:
             return local
-        queried = query_memberships(self.victim, x_adv, self.query_batch).to(local.device)
-        self._pending = (x_adv.detach().cpu(), queried.cpu())
+        idx = self._online_pick(local)
+        asked = x_adv if idx is None else x_adv[idx]
+        queried = query_memberships(self.victim, asked, self.query_batch).to(local.device)
+        self._pending = (asked.detach().cpu(), queried.cpu())
         with torch.no_grad():
-            agree = (local.argmax(1) == queried.argmax(1)).float()
+            mine = local if idx is None else local[idx]
+            agree = (mine.argmax(1) == queried.argmax(1)).float()
         self._agree_sum += float(agree.sum())
         self._agree_count += int(agree.numel())
-        # Straight-through: the victim's value, the surrogate's Jacobian.
-        return queried + local - local.detach()
+        # Straight-through: the victim's value where it was asked, the surrogate's Jacobian.
+        if idx is None:
+            return queried + local - local.detach()
+        delta = torch.zeros_like(local)
+        delta[idx] = queried - local[idx].detach()
+        return local + delta
+
+    def _online_pick(self, local: torch.Tensor) -> torch.Tensor | None:
+        """Rows of the batch to ask the victim about (None: all): the ``online_fraction`` whose
+        ensemble memberships lead least between their first and second cluster."""
+        fraction = float(self.config.online_fraction)
+        n = local.shape[0]
+        if fraction >= 1.0 or n == 0:
+            return None
+        count = max(1, math.ceil(fraction * n))
+        with torch.no_grad():
+            top = local.topk(min(2, local.shape[1]), dim=1).values
+            lead = top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0.0)
+        return lead.argsort()[:count].sort().values
 
     def after_step(self) -> None:
         """Online fine-tuning on the points just queried."""
