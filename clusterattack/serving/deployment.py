@@ -10,7 +10,13 @@ answer with the mode's output and nothing else. A failed model call refunds its 
 HTTP API (``/<app>`` prefix; OpenAPI at ``/<app>/openapi.json``), key in ``X-API-Key``:
 ``POST /v1/predict`` (.npy or JSON images; ``Idempotency-Key`` makes retries free),
 ``GET /v1/info``, ``GET /v1/budget``, and with an admin key ``GET|POST /admin/keys``,
-``POST /admin/keys/{key_id}/grant|reset|revoke``.
+``POST /admin/keys/{key_id}/grant|reset|revoke``, ``GET /admin/detection`` (what query
+detection saw of every key), ``POST /admin/keys/{key_id}/detection/clear|owner``.
+
+With query detection on (``detection=DetectionConfig(policy="flag"|"block")``), a predict
+request is fingerprinted and screened by the shared detector (``serving.detector``) after
+it is parsed and before anything is reserved: under ``block`` a flagged key gets 403
+(``QueryBlocked``) and is charged nothing.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route annotations of
@@ -36,6 +42,7 @@ from ray import serve
 
 from clusterattack.serving import schema
 from clusterattack.serving.config import MODES, AutoscalingSpec, ServeConfig
+from clusterattack.serving.detection import DetectionConfig
 from clusterattack.serving.errors import (
     InvalidImages,
     QuotaExceeded,
@@ -53,10 +60,12 @@ from clusterattack.serving.http_common import (
 from clusterattack.serving.http_models import (
     BudgetResponse,
     CreateKeyRequest,
+    DetectionResponse,
     GrantRequest,
     InfoResponse,
     IssuedKeyResponse,
     LabelsResponse,
+    OwnerRequest,
     ResetRequest,
     ScoresResponse,
 )
@@ -154,10 +163,23 @@ class VictimDeployment:
     """One replica of a served victim (see the module docstring for the request path)."""
 
     def __init__(
-        self, source: VictimSource, config: ServeConfig, ledger: LedgerConfig, app_name: str
+        self,
+        source: VictimSource,
+        config: ServeConfig,
+        ledger: LedgerConfig,
+        app_name: str,
+        detection: DetectionConfig | None = None,
     ) -> None:
+        from clusterattack.serving.detector import DetectionGate
+
         self._config = config
         self._app_name = app_name
+        self._ledger_config = ledger
+        self._detection = detection or DetectionConfig()
+        self._gate = (
+            DetectionGate(self._detection, ledger, app_name, config.mode) if self._detection.enabled else None
+        )
+        self._detector_admin = None
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         self._device = torch.device(config.resolved_device)
@@ -176,8 +198,9 @@ class VictimDeployment:
         self._infer_batched.set_max_batch_size(config.max_batch_size)
         self._infer_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         logger.info(
-            "serving %s (%s mode) on %s: %d clusters, input %s",
+            "serving %s (%s mode) on %s: %d clusters, input %s, query detection %s",
             app_name, config.mode, self._device, self._num_clusters, self._spec.input_shape,
+            self._detection.policy,
         )
 
     # ------------------------------------------------------------------ model
@@ -237,6 +260,9 @@ class VictimDeployment:
             request_id = schema.check_request_id(request_id) or uuid.uuid4().hex
             images = await parse()
             images_count = len(images)
+            if self._gate is not None:
+                # Before the reservation: a blocked request is charged nothing.
+                await self._gate.screen(key_hash, request_id, images)
             digest = schema.images_digest(images)
             await self._ledger.call("reserve", key_hash, images_count, request_id, digest)
             try:
@@ -258,6 +284,16 @@ class VictimDeployment:
         self._metrics.served(images_count, time.perf_counter() - started, endpoint)
         return out, reservation.remaining, request_id
 
+    async def _detector(self):
+        """The detector client of the admin endpoints (the gate's, or one made on first use)."""
+        if self._gate is not None:
+            return self._gate._client
+        if self._detector_admin is None:
+            from clusterattack.serving.detector import AsyncDetectorClient
+
+            self._detector_admin = AsyncDetectorClient(self._ledger_config, self._detection)
+        return self._detector_admin
+
     async def _key_status(self, api_key: str | None, role: str | None) -> dict[str, Any]:
         status = await self._ledger.call("authenticate", _require_key(api_key), role)
         return status.as_dict()
@@ -271,6 +307,7 @@ class VictimDeployment:
             "max_images_per_request": self._spec.max_images,
             "max_request_bytes": self._spec.max_request_bytes,
             "max_batch_size": self._config.max_batch_size,
+            "detection": self._detection.policy,
         }
 
     # ------------------------------------------------------------------ handle API
@@ -384,6 +421,45 @@ class VictimDeployment:
         await self._key_status(api_key, "admin")
         return (await self._ledger.call("reset", key_id, body.budget)).as_dict()
 
+    @api.get(
+        "/admin/detection",
+        response_model=list[DetectionResponse],
+        responses=error_responses(401, 403),
+        summary="What query detection saw of every attacker key (flagged keys first)",
+    )
+    async def http_list_detection(
+        self, flagged: bool = False, api_key: str | None = Security(api_key_scheme)
+    ) -> list[dict]:
+        await self._key_status(api_key, "admin")
+        client = await self._detector()
+        return [status.as_dict() for status in await client.call("list_keys", flagged)]
+
+    @api.post(
+        "/admin/keys/{key_id}/detection/clear",
+        response_model=DetectionResponse,
+        responses=error_responses(401, 403, 404),
+        summary="Unflag the key's scope and forget its fingerprints",
+    )
+    async def http_clear_detection(
+        self, key_id: str, api_key: str | None = Security(api_key_scheme)
+    ) -> dict[str, Any]:
+        await self._key_status(api_key, "admin")
+        client = await self._detector()
+        return (await client.call("clear", key_id)).as_dict()
+
+    @api.post(
+        "/admin/keys/{key_id}/detection/owner",
+        response_model=DetectionResponse,
+        responses=error_responses(401, 403, 404, 422),
+        summary="Set the key's owner: keys of one owner share one detection history and flag",
+    )
+    async def http_set_owner(
+        self, key_id: str, body: OwnerRequest, api_key: str | None = Security(api_key_scheme)
+    ) -> dict[str, Any]:
+        await self._key_status(api_key, "admin")
+        client = await self._detector()
+        return (await client.call("set_owner", key_id, body.owner)).as_dict()
+
     @api.post(
         "/admin/keys/{key_id}/revoke",
         response_model=BudgetResponse,
@@ -412,13 +488,17 @@ def build_victim_app(
     name: str,
     config: ServeConfig | None = None,
     ledger: LedgerConfig | None = None,
+    detection: DetectionConfig | None = None,
 ):
-    """The Serve application of one victim, ready for ``serve.run`` (nothing starts here)."""
+    """The Serve application of one victim, ready for ``serve.run`` (nothing starts here).
+
+    ``detection`` turns query detection on for this app (its policy; see ``serving.detector``).
+    """
     config = config or ServeConfig()
     ledger = ledger or LedgerConfig()
     check_app_name(name)
     return VictimDeployment.options(name="victim", **config.deployment_options()).bind(
-        source, config, ledger, name
+        source, config, ledger, name, detection or DetectionConfig()
     )
 
 
@@ -429,13 +509,14 @@ def deploy_victim(
     config: ServeConfig | None = None,
     ledger: LedgerConfig | None = None,
     route_prefix: str | None = None,
+    detection: DetectionConfig | None = None,
 ):
     """Deploy (or redeploy) one victim app and return its ``DeploymentHandle``.
 
     Serve must be running or is started with its defaults; call :func:`start_serve` first
     to choose the HTTP address.
     """
-    app = build_victim_app(source, name=name, config=config, ledger=ledger)
+    app = build_victim_app(source, name=name, config=config, ledger=ledger, detection=detection)
     return serve.run(app, name=name, route_prefix=route_prefix or f"/{name}")
 
 
@@ -486,10 +567,12 @@ def launch_victims(
     port: int = 8000,
     keys: Sequence[KeySpec] = (),
     admin_key: str | None = None,
+    detection: DetectionConfig | None = None,
 ) -> Launched:
     """Start Serve, deploy every victim, issue keys; the body of ``jobs/serve.py``.
 
     An admin key is issued when the ledger has none (or ``admin_key`` is imported if new).
+    ``detection`` applies to every victim deployed.
     """
     for name in victims:
         check_app_name(name)
@@ -512,7 +595,7 @@ def launch_victims(
         )
     urls = {}
     for name, source in victims.items():
-        deploy_victim(source, name=name, config=config, ledger=ledger)
+        deploy_victim(source, name=name, config=config, ledger=ledger, detection=detection)
         urls[name] = f"http://{host}:{port}/{name}"
     return Launched(urls=urls, keys=issued)
 
@@ -520,6 +603,7 @@ def launch_victims(
 __all__ = [
     "MODES",
     "AutoscalingSpec",
+    "DetectionConfig",
     "KeySpec",
     "Launched",
     "ServeConfig",

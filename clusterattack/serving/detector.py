@@ -8,7 +8,8 @@ whichever replica answers. It reads key ids and names from the ledger's file. Re
 compute the fingerprints (:func:`~clusterattack.serving.detection.fingerprints`) and send
 only them. A scope is the key, or the owner an admin gave the key (keys issued to one
 account share one history and one flag: spreading queries over them gains nothing). A
-scope is flagged when ``flag_after`` of the fingerprints in its window matched.
+scope is flagged when ``flag_after`` of its last ``flag_window`` queries matched (a rate: an
+honest user's occasional repeat never adds up to it).
 
 Memory: at most ``max_resident`` scopes stay in memory (least recently used leave; their
 fingerprints stay on disk and are read back when they query again), so the indexes hold at
@@ -121,7 +122,7 @@ class Verdict:
     key_id: str
     images: int
     matched: int
-    window_matched: int
+    recent_matched: int
     flagged: bool
     newly_flagged: bool
     blocked: bool
@@ -144,7 +145,7 @@ class KeyDetection:
     matched: int
     first_match_query: int | None
     scope_queries: int
-    window_matched: int
+    recent_matched: int
     flagged: bool
     flagged_at: float | None
     flag_query: int | None
@@ -166,7 +167,7 @@ class QueryDetector:
             read for key ids and names. config: the detector's parameters (``policy`` is
             ignored here: it is each deployment's). clock: wall-clock seconds (tests).
         on_flag / on_screen: metric hooks, called with (key_id, name) and
-            (key_id, name, matched, window_matched, flagged).
+            (key_id, name, matched, recent_matched, flagged).
     """
 
     def __init__(
@@ -201,8 +202,9 @@ class QueryDetector:
         self._requests: dict[str, OrderedDict[str, Verdict]] = {}
         self._spec = self._load_spec()
         logger.info(
-            "query detector at %s: %s, history %d, flag after %d matched (index bound %d bytes per scope)",
-            self._path, self._spec.public(), self.config.history, self.config.flag_after, self.config.scope_bytes(),
+            "query detector at %s: %s, history %d, flag at %d matched of %d (index bound %d bytes per scope)",
+            self._path, self._spec.public(), self.config.history, self.config.flag_after, self.config.flag_window,
+            self.config.scope_bytes(),
         )
 
     # ------------------------------------------------------------------ plumbing
@@ -300,7 +302,7 @@ class QueryDetector:
 
     def screen(self, key_hash: str, request_id: str, fps: np.ndarray, policy: str) -> Verdict:
         """Match a request's fingerprints against its scope, record them, flag the scope at
-        ``flag_after`` matches in the window; ``blocked`` under ``policy == "block"`` when the
+        ``flag_after`` matches among its last ``flag_window`` queries; ``blocked`` under ``policy == "block"`` when the
         scope is (or now becomes) flagged. Raises Unauthorized or Forbidden for bad keys."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -326,20 +328,31 @@ class QueryDetector:
             state = self._scope_row(conn, scope)
             index = self._index(conn, scope)
             if state["flagged_at"] is not None and policy == "block":
-                return Verdict(key_id, len(fps), 0, index.window_matched, True, False, True, state["flag_reason"])
-            result = index.match(fps)
-            matched = int(result.matched.sum())
+                recent_now = int(index.recent(1, cfg.flag_window)[0])
+                return Verdict(key_id, len(fps), 0, recent_now, True, False, True, state["flag_reason"])
+            # In parts whose every query still sees its whole flag window in the history.
+            step = cfg.history - cfg.flag_window + 1
+            parts, recent_parts, row_parts = [], [], []
+            for start in range(0, len(fps), step):
+                part = index.match(fps[start : start + step])
+                parts.append(part.matched)
+                row_parts.append(part.rows)
+                recent_parts.append(index.recent(len(part.rows), cfg.flag_window))
+            is_match = np.concatenate(parts) if parts else np.zeros(0, bool)
+            rows = np.concatenate(row_parts) if row_parts else np.zeros(0, np.int64)
+            recent = np.concatenate(recent_parts) if recent_parts else np.zeros(0, np.int64)
+            matched = int(is_match.sum())
             queries = int(state["queries"]) + len(fps)
             flagged = state["flagged_at"] is not None
-            newly = not flagged and index.window_matched >= cfg.flag_after
+            crossed = recent >= cfg.flag_after
+            newly = not flagged and bool(crossed.any())
             reason = state["flag_reason"]
+            recent_now = int(recent[-1]) if len(recent) else int(index.recent(1, cfg.flag_window)[0])
             if newly:
-                # The query of the batch at which the window's count reached the threshold.
-                running = index.window_matched - matched + np.cumsum(result.matched)
-                crossing = int(np.argmax(running >= cfg.flag_after)) if running[-1] >= cfg.flag_after else len(fps) - 1
+                crossing = int(np.argmax(crossed))  # the query at which the rate crossed the threshold
                 flag_query = int(state["queries"]) + crossing + 1
                 reason = (
-                    f"{index.window_matched} of the last {index.window_rows} queries of "
+                    f"{int(recent[crossing])} of the last {cfg.flag_window} queries of "
                     f"{'owner ' + owner if owner else 'key ' + key_id} matched earlier ones "
                     f"(flag_after={cfg.flag_after})"
                 )
@@ -354,10 +367,7 @@ class QueryDetector:
             )
             conn.executemany(
                 "INSERT OR REPLACE INTO detection_fingerprints VALUES (?, ?, ?, ?)",
-                [
-                    (scope, int(row), fps[i].tobytes(), int(result.matched[i]))
-                    for i, row in enumerate(result.rows)
-                ],
+                [(scope, int(row), fps[i].tobytes(), int(is_match[i])) for i, row in enumerate(rows)],
             )
             conn.execute(
                 "DELETE FROM detection_fingerprints WHERE scope = ? AND row < ?",
@@ -367,7 +377,7 @@ class QueryDetector:
             key_queries = (0 if key_row is None else int(key_row["queries"]))
             first_match = None if key_row is None else key_row["first_match_query"]
             if first_match is None and matched:
-                first_match = key_queries + int(np.argmax(result.matched)) + 1
+                first_match = key_queries + int(np.argmax(is_match)) + 1
             conn.execute(
                 "INSERT INTO detection_keys (key_id, queries, matched, first_match_query, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET queries = excluded.queries, "
@@ -376,7 +386,7 @@ class QueryDetector:
                 (key_id, key_queries + len(fps), matched, first_match, now),
             )
         verdict = Verdict(
-            key_id, len(fps), matched, index.window_matched, flagged or newly, newly,
+            key_id, len(fps), matched, recent_now, flagged or newly, newly,
             (flagged or newly) and policy == "block", reason,
         )
         if request_id:
@@ -388,7 +398,7 @@ class QueryDetector:
             if self._on_flag is not None:
                 self._on_flag(key_id, name)
         if self._on_screen is not None:
-            self._on_screen(key_id, name, matched, index.window_matched, flagged or newly)
+            self._on_screen(key_id, name, matched, recent_now, flagged or newly)
         return verdict
 
     def screen_many(self, calls: list[tuple]) -> list[Verdict | ServingError]:
@@ -409,15 +419,16 @@ class QueryDetector:
         state = conn.execute("SELECT * FROM detection_scopes WHERE scope = ?", (scope,)).fetchone()
         index = self._indexes.get(scope)
         if index is not None:
-            window = index.window_matched
+            recent = int(index.recent(1, self.config.flag_window)[0])
         elif state is not None:
-            window = int(
+            recent = int(
                 conn.execute(
-                    "SELECT COALESCE(SUM(matched), 0) FROM detection_fingerprints WHERE scope = ?", (scope,)
+                    "SELECT COALESCE(SUM(matched), 0) FROM detection_fingerprints WHERE scope = ? AND row >= ?",
+                    (scope, int(state["next_row"]) - self.config.flag_window),
                 ).fetchone()[0]
             )
         else:
-            window = 0
+            recent = 0
         return KeyDetection(
             key_id=key_id,
             name=name,
@@ -427,7 +438,7 @@ class QueryDetector:
             matched=0 if key is None else int(key["matched"]),
             first_match_query=None if key is None else key["first_match_query"],
             scope_queries=0 if state is None else int(state["queries"]),
-            window_matched=window,
+            recent_matched=recent,
             flagged=state is not None and state["flagged_at"] is not None,
             flagged_at=None if state is None else state["flagged_at"],
             flag_query=None if state is None else state["flag_query"],

@@ -85,7 +85,7 @@ class DetectionResponse(BaseModel):
     matched: int = Field(description="of them, images that matched an earlier query of the scope")
     first_match_query: int | None = Field(None, description="the key's query count at its first match")
     scope_queries: int
-    window_matched: int = Field(description="matched images among the scope's recent queries")
+    recent_matched: int = Field(description="matched images among the scope's last flag_window queries")
     flagged: bool
     flagged_at: float | None = None
     flag_query: int | None = Field(None, description="the scope's query count when it was flagged")

@@ -131,9 +131,10 @@ def _detection_metrics() -> tuple[Counter, Counter, Gauge, Gauge]:
         description="Times an API key's scope was flagged by query detection.",
         tag_keys=tag_keys,
     )
-    window = Gauge(
-        "clusterattack_detection_window_matched",
-        description="Matched queries among the recent queries (the window) of an API key's scope.",
+    recent = Gauge(
+        "clusterattack_detection_recent_matched",
+        description="Matched queries among the last flag_window queries of an API key's scope "
+        "(the scope is flagged at flag_after).",
         tag_keys=tag_keys,
     )
     flagged = Gauge(
@@ -141,17 +142,17 @@ def _detection_metrics() -> tuple[Counter, Counter, Gauge, Gauge]:
         description="1 while an API key's scope is flagged by query detection, else 0.",
         tag_keys=tag_keys,
     )
-    return matches, flags, window, flagged
+    return matches, flags, recent, flagged
 
 
-def record_detection_screen(key_id: str, key_name: str, matched: int, window_matched: int, flagged: bool) -> None:
+def record_detection_screen(key_id: str, key_name: str, matched: int, recent_matched: int, flagged: bool) -> None:
     """Publish one screened request of a key (the detector actor's ``on_screen`` hook)."""
     with _lock:
-        matches, _, window, flagged_gauge = _detection_metrics()
+        matches, _, recent, flagged_gauge = _detection_metrics()
     tags = {"key_id": key_id, "key_name": key_name}
     if matched:
         matches.inc(matched, tags=tags)
-    window.set(window_matched, tags=tags)
+    recent.set(recent_matched, tags=tags)
     flagged_gauge.set(1 if flagged else 0, tags=tags)
 
 

@@ -88,7 +88,7 @@ def test_matches_within_one_batch_and_window_eviction(images):
 
 
 def test_a_hostile_scope_cannot_grow_the_index_past_its_bound(images):
-    cfg = DetectionConfig(history=64, top_k=20)
+    cfg = DetectionConfig(history=64, flag_window=16, flag_after=5, top_k=20)
     index = cfg.index()
     rng = np.random.default_rng(0)
     for step in range(40):  # 40 x 64 = 2,560 queries, 40 windows' worth, many near-identical
@@ -104,8 +104,10 @@ def test_config_is_validated():
         DetectionConfig(policy="ban")
     with pytest.raises(ValueError, match="match_fraction must lie in"):
         DetectionConfig(match_fraction=0)
-    with pytest.raises(ValueError, match="flag_after .* must be <= history"):
-        DetectionConfig(flag_after=10, history=5)
+    with pytest.raises(ValueError, match="need flag_after <= flag_window <= history"):
+        DetectionConfig(flag_after=10, flag_window=8)
+    with pytest.raises(ValueError, match="need flag_after <= flag_window <= history"):
+        DetectionConfig(flag_window=200, history=100)
     with pytest.raises(ValueError, match="levels must be an integer >= 2"):
         FingerprintSpec(levels=1)
 
@@ -151,7 +153,7 @@ def test_detector_flags_blocks_replays_and_survives_a_restart(ledger, images):
     # The history came back too: a repeat of an image asked before the restart still matches.
     assert restarted.screen(key_hash, "r5", fingerprints(images[:3], spec), "flag").matched == 3
     cleared = restarted.clear(key.key_id)
-    assert not cleared.flagged and cleared.window_matched == 0
+    assert not cleared.flagged and cleared.recent_matched == 0
     assert restarted.screen(key_hash, "r6", fingerprints(images[:3], spec), "block").matched == 0
     restarted.close()
 
@@ -176,7 +178,7 @@ def test_keys_of_one_owner_share_a_history_and_a_flag(ledger, images):
 
 
 def test_unknown_keys_are_refused_and_resident_memory_is_bounded(ledger, images):
-    detector = make_detector(ledger, history=32, max_resident=3)
+    detector = make_detector(ledger, history=32, flag_window=16, max_resident=3)
     spec = detector.fingerprint_spec()
     with pytest.raises(Unauthorized):
         detector.screen(hash_api_key("ca_not-a-key-at-all"), "x", fingerprints(images[:1], spec), "flag")
@@ -189,4 +191,22 @@ def test_unknown_keys_are_refused_and_resident_memory_is_bounded(ledger, images)
     # A scope read back from disk after leaving memory matches as before.
     again = detector.screen(hash_api_key(keys[0].api_key), "again", fingerprints(images[39:40], spec), "flag")
     assert again.matched == 1
+    detector.close()
+
+
+def test_a_key_is_flagged_by_its_rate_of_matches_not_their_count(ledger):
+    detector = make_detector(ledger, flag_after=25, flag_window=100, history=1000)
+    spec = detector.fingerprint_spec()
+    honest = ledger.create_key("re-uses a tenth of its photos", budget=10**6)
+    photos = strokes(900, seed=3)
+    sent: list[np.ndarray] = []
+    for i in range(900):  # 1,000 queries, one in ten a photo sent before: 100 matches in all
+        batch = [photos[i]] + ([sent[i // 2]] if i % 9 == 8 else [])
+        sent += batch[:1]
+        detector.screen(hash_api_key(honest.api_key), f"h{i}", fingerprints(np.stack(batch), spec), "block")
+    status = detector.key_status(honest.key_id)
+    assert status.queries == 1000 and 100 <= status.matched <= 110 and not status.flagged  # a few stroke look-alikes
+    # The same number of matches in a burst is an attack's rate.
+    burst = detector.screen(hash_api_key(honest.api_key), "burst", fingerprints(photos[850:880], spec), "block")
+    assert burst.newly_flagged and burst.blocked and 1000 < detector.key_status(honest.key_id).flag_query <= 1025
     detector.close()
