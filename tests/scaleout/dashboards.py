@@ -97,8 +97,9 @@ def exported_metrics() -> dict[str, set[str]]:
     from clusterattack.tuning import metrics as tuning_metrics
 
     replica = serving_metrics.ServingMetrics("app", "scores")
-    objects = [m for m in vars(replica).values() if isinstance(m, Metric)]
-    objects += [*serving_metrics._budget_gauges(), *tuning_metrics._gauges()]
+    screened = serving_metrics.DetectionMetrics("app", "scores")
+    objects = [m for m in (*vars(replica).values(), *vars(screened).values()) if isinstance(m, Metric)]
+    objects += [*serving_metrics._budget_gauges(), *serving_metrics._detection_metrics(), *tuning_metrics._gauges()]
     out: dict[str, set[str]] = {}
     for metric in objects:
         base = f"ray_{metric.info['name']}"

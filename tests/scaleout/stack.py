@@ -2,8 +2,9 @@
 
 It starts a fresh local Ray (dashboard on, so Ray writes its Prometheus service-discovery
 file; explicit metrics port; one-second metric export), serves a tiny victim with budgets
-through ``clusterattack.serving.launch_victims``, puts a bounded load on it (answered
-requests, and requests refused for budget, for a bad key and for invalid images), runs a
+through ``clusterattack.serving.launch_victims`` with query detection flagging, puts a
+bounded load on it (answered requests, the rich key's repeats that get it flagged, and
+requests refused for budget, for a bad key and for invalid images), runs a
 three-trial Tune sweep with ``SweepMetricsCallback``, prints one JSON line with what it did,
 then keeps everything up until its standard input closes, and shuts down.
 
@@ -143,6 +144,7 @@ def main(workdir: Path) -> None:
     from ray import serve
 
     from clusterattack.serving import KeySpec, LedgerConfig, ServeConfig, launch_victims
+    from clusterattack.serving.detection import DetectionConfig
     from clusterattack.serving.ledger_actor import kill_ledger
 
     metrics_port, serve_port = free_port(), free_port()
@@ -171,6 +173,8 @@ def main(workdir: Path) -> None:
             ledger=ledger,
             port=serve_port,
             keys=[KeySpec("rich", budget=10_000), KeySpec("poor", budget=POOR_BUDGET)],
+            # The rich key asks the same images six times: flagged, and let through.
+            detection=DetectionConfig(policy="flag"),
         )
         keys = {issued.name: issued for issued in launched.keys}
         expected = put_load(launched.urls[APP], keys["rich"].api_key, keys["poor"].api_key)
