@@ -1,7 +1,8 @@
 """Victims served as budgeted black boxes on Ray Serve, and the client attacks query them.
 
 ``deployment`` builds the Serve application of a victim from a ``config.ServeConfig``,
-``ledger`` keeps the budgets and ``ledger_actor`` serves it to every replica, ``schema``
+``ledger`` keeps the budgets and ``ledger_actor`` serves it to every replica, ``detection``
+fingerprints queries and ``detector`` flags or blocks keys whose queries repeat, ``schema``
 checks requests and ``http_models`` documents them, ``client.ServedVictim`` is the Victim
 over a handle or HTTP, ``errors`` holds the typed outcomes, ``metrics`` exports counters
 for Prometheus.
@@ -19,6 +20,7 @@ _EXPORTS = {
     "AutoscalingSpec": "config",
     "KeySpec": "deployment",
     "ServeConfig": "config",
+    "DetectionConfig": "detection",
     "build_victim_app": "deployment",
     "deploy_victim": "deployment",
     "launch_victims": "deployment",
@@ -26,6 +28,7 @@ _EXPORTS = {
     "BadRequest": "errors",
     "BudgetExceeded": "errors",
     "Forbidden": "errors",
+    "QueryBlocked": "errors",
     "RateLimited": "errors",
     "ServingError": "errors",
     "Unauthorized": "errors",

@@ -17,7 +17,7 @@ which distinct images of a data set share) are skipped; the ``top_k`` largest di
 hashes are the fingerprint. A window's hash depends on its content only, so a near copy
 shares the hashes of every window the change left alone, and a shifted copy those of every
 window that moved whole. Two image rows per window is what the calibration measured
-(``benchmarks/query_detection.py --calibrate``): one row or fewer pixels is a stroke's
+(``benchmarks/query_detection.py --only calibrate``): one row or fewer pixels is a stroke's
 cross-section that distinct digits share, three rows lose NES-noised copies.
 
 Matching (:class:`FingerprintIndex`): a query matches when it shares at least
@@ -117,7 +117,7 @@ class DetectionConfig:
     shared by every deployment on the ledger; the first deployment to start it sets them
     (a later one with other values is told so in its log and uses the actor's).
 
-    Defaults, measured by ``benchmarks/query_detection.py --calibrate`` on 8x8 digits and
+    Defaults, measured by ``benchmarks/query_detection.py --only calibrate`` on 8x8 digits and
     28x28 MNIST (its ``calibration`` table): with 4 levels, windows of two image rows with
     at least 10% contrast and a match at 40% of the hashes, 77-83% of NES-noised copies
     (sigma 0.02), 80-97% of SPSA's (0.01), 95-98% of Square's patch updates and 97-100% of
