@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=None, help="comma-separated victims, e.g. cc,scan,spice (default: the preset's)")
     p.add_argument("--datasets", default=None, help="comma-separated data sets, e.g. fashion_mnist (default: the preset's)")
     p.add_argument(
+        "--victim", dest="own_victims", action="append", default=[], metavar="SPEC",
+        help="a model of one's own as a victim spec (py:pkg.mod:factory, onnx:PATH, torchscript:PATH, an "
+        "MLflow URI, adapter:FILE; docs/own-model.md), repeatable; swept on each --datasets data set (the "
+        "one it was trained on); without --models, only these are swept",
+    )
+    p.add_argument(
         "--gradient-source", default=None, metavar="SOURCES",
         help="black-box gradient source(s) of the attack term, comma-separated: surrogate, estimate "
         "(each swept on its own; every row says which)",
@@ -117,10 +123,11 @@ def build_config(args: argparse.Namespace) -> Any:
 
     base = SweepConfig.preset(args.preset)
     changes: dict[str, Any] = {}
-    if args.models or args.datasets:
-        models = args.models.split(",") if args.models else sorted({m for m, _ in base.targets})
+    if args.models or args.datasets or args.own_victims:
+        zoo = sorted({m for m, _ in base.targets}) if not args.own_victims else []
+        models = [m.strip() for m in args.models.split(",")] if args.models else zoo
         datasets = args.datasets.split(",") if args.datasets else sorted({d for _, d in base.targets})
-        changes["targets"] = tuple((m.strip(), d.strip()) for d in datasets for m in models)
+        changes["targets"] = tuple((m, d.strip()) for d in datasets for m in [*models, *args.own_victims])
     if args.space:
         if any(text.partition("=")[0].strip() == "eps" for text in args.space):
             raise ValueError("eps is not sampled: give the radii as a grid with --eps 0.05,0.1 (one row per value)")

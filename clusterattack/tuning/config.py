@@ -23,6 +23,7 @@ __all__ = [
     "PRESETS",
     "TIME_ATTRS",
     "SweepConfig",
+    "target_name",
 ]
 
 PRESETS = ("tiny", "demo", "paper")
@@ -52,6 +53,33 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _UNTUNABLE = (
     "gradient_source", "seed", "device", "epochs", "query_batch", "train_limit", "select_images", "eps",
 )  # fmt: skip
+
+
+def target_name(model: str) -> str:
+    """The name a target goes by in tables, folders and Serve apps: a zoo model's own name, or
+    for a victim specification of one's own (``py:pkg.mod:factory``, ``onnx:PATH`` ...) its
+    display name in letters, digits, '_' and '.'. Checks the specification's text (nothing
+    is imported or loaded)."""
+    from clusterattack.victims.registry import VICTIMS
+
+    if model in VICTIMS:
+        return model
+    from clusterattack.victims.sources import VictimSpecError, parse_victim_spec
+
+    try:
+        spec = parse_victim_spec(model)
+    except VictimSpecError as err:
+        raise ValueError(
+            f"target {model!r} is neither a zoo model {sorted(VICTIMS)} nor a victim specification: {err}"
+        ) from None
+    if spec.kind in ("registry", "served") or (spec.kind == "file" and "/" not in model and "." not in model):
+        raise ValueError(
+            f"target {model!r} must be a zoo model {sorted(VICTIMS)} (the sweep trains or reuses "
+            "victim-<model>-<dataset> itself) or a model of one's own (py:, onnx:, torchscript:, an MLflow "
+            "URI, a victim file, adapter:FILE for someone else's service)"
+        )
+    name = re.sub(r"[^A-Za-z0-9_.]+", "_", spec.display_name).strip("_.") or "victim"
+    return name[:40]
 
 
 def _int(name: str, value: Any, minimum: int) -> None:
@@ -158,10 +186,12 @@ class SweepConfig:
         for target in self.targets:
             if not (isinstance(target, tuple) and len(target) == 2 and all(isinstance(t, str) for t in target)):
                 raise ValueError(f"each target must be a (model, dataset) pair of names, got {target!r}")
-            if target[0] not in VICTIMS:
-                raise ValueError(f"unknown victim model {target[0]!r} in targets, expected one of {sorted(VICTIMS)}")
+            target_name(target[0])  # a zoo model, or a victim specification of one's own
             if not re.match(r"^[A-Za-z0-9_.]+$", target[1]):
                 raise ValueError(f"dataset {target[1]!r} must be a registered name (letters, digits, '_', '.')")
+        names = [(target_name(m), d) for m, d in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"targets must not repeat (by name and data set), got {self.targets!r}")
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"targets must not repeat, got {self.targets!r}")
         if not isinstance(self.attack, AttackConfig):

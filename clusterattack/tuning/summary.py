@@ -171,6 +171,7 @@ def seed_rows(
     victim_version: str | None,
     attack: AttackConfig,
     chosen: TrialSummary,
+    victim: str | None = None,
     finals: Sequence[TrialSummary],
     objective: str,
     recipe: str,
@@ -187,7 +188,7 @@ def seed_rows(
     ident = {
         "model": model,
         "dataset": dataset,
-        "victim": f"victim-{model}-{dataset}",
+        "victim": victim or f"victim-{model}-{dataset}",
         "victim_version": victim_version,
         "gradient_source": cfg.gradient_source,
         "norm": cfg.norm,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterattack.ray_session import init_ray
-from clusterattack.tuning.config import METRIC, MODE, SweepConfig
+from clusterattack.tuning.config import METRIC, MODE, SweepConfig, target_name
 
 __all__ = [
     "STATE_FILE",
@@ -244,7 +244,8 @@ def _run_targets(
     apps: list[str] = []
     experiments = state.setdefault("experiments", {})
     try:
-        for model, dataset in config.targets:
+        for spec, dataset in config.targets:
+            model = target_name(spec)
             keys = [experiment_key(model, dataset, s) for s in config.gradient_sources]
             if all(experiments.get(k, {}).get("done") for k in keys):
                 log.info("target %s-%s already swept: reusing its rows", model, dataset)
@@ -252,7 +253,7 @@ def _run_targets(
                     _collect(outcome, experiments[k])
                 continue
             try:
-                target = prepare_target(config, model, dataset, ledger, folder)
+                target = prepare_target(config, spec, dataset, ledger, folder)
             except DatasetNotFound as err:
                 if not config.skip_missing_datasets:
                     raise
@@ -424,6 +425,7 @@ def _run_tune(
             params={
                 "budget": config.budget, "time_attr": config.time_attr, "victim_version": target.victim_version,
                 "selection": config.objective, "recipe": config.recipe, "phase": phase,
+                "victim": target.victim_name,
             },  # fmt: skip
             tags=tags,
             max_epochs=attack.epochs,
@@ -542,7 +544,8 @@ def _summarise(ctx: _Context, source: str, attack: Any, done: dict[str, Any], fi
         if not runs:
             raise RuntimeError(f"no seed run of {target.model}-{target.dataset} ({source}, eps {eps:g}) was scored")
         row1, row2 = seed_rows(
-            model=target.model, dataset=target.dataset, victim_version=target.victim_version, attack=attack,
+            model=target.model, dataset=target.dataset, victim=target.victim_name,
+            victim_version=target.victim_version, attack=attack,
             chosen=chosen_trial, finals=runs, objective=config.objective, recipe=config.recipe,
             budget=config.budget, search=chosen["search"],
         )  # fmt: skip

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from clusterattack.tuning.config import SweepConfig
+from clusterattack.tuning.config import SweepConfig, target_name
 
 __all__ = ["PreparedTarget", "app_name", "data_uri", "ensure_victim", "load_target_data", "serve_victim"]
 
@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PreparedTarget:
-    """A victim ready to attack: its data slices, its registry entry and its Serve app."""
+    """A victim ready to attack: its data slices, its registry entry (or specification) and its Serve app.
+
+    ``model`` is the target's name (a zoo model, or an own model's display name);
+    ``victim_name`` what it is: ``victim-<model>-<dataset>`` or the specification's text.
+    """
 
     model: str
     dataset: str
@@ -94,8 +98,32 @@ def ensure_victim(
     return module, name, str(version.version), dict(version.tags)
 
 
+def own_victim(spec: str, data: Any) -> tuple[Any, str]:
+    """A picklable factory serving victim specification ``spec`` (resolved and probed here, so a
+    bad one fails before any trial) and its version: a digest of the model file when it is one,
+    else of the specification's text."""
+    import hashlib
+    from pathlib import Path
+
+    from clusterattack.victims.sources import VictimFactory, parse_victim_spec, resolve_victim
+
+    victim = resolve_victim(spec, dataset=tuple(data.shape))
+    if not hasattr(victim, "predict_proba"):
+        raise ValueError(
+            f"{spec} answers cluster ids only: the sweep's gradient sources need memberships. Attack a "
+            "decision-only model with jobs/attack.py --gradient-source surrogate (its label-based path)"
+        )
+    factory = VictimFactory.for_serving(spec, mode="scores", input_shape=tuple(data.shape))
+    parsed = parse_victim_spec(spec)
+    path = Path(parsed.target.split(":", 1)[0]) if parsed.kind in ("onnx", "torchscript", "file", "python") else None
+    payload = path.read_bytes() if path is not None and path.is_file() else spec.encode()
+    log.info("own victim %s: %d clusters, input %s", spec, victim.num_clusters, tuple(victim.input_shape))
+    return factory, "sha256:" + hashlib.sha256(payload).hexdigest()[:12]
+
+
 def serve_victim(config: SweepConfig, name: str, module: Any, ledger: Any) -> None:
-    """Deploy ``module`` as Serve application ``name`` (scores mode) with the sweep's budget ledger."""
+    """Deploy ``module`` (a model, or a factory of one) as Serve application ``name`` (scores
+    mode) with the sweep's budget ledger."""
     from clusterattack.serving import ServeConfig, deploy_victim
 
     serve_config = ServeConfig(
@@ -116,9 +144,20 @@ def serve_victim(config: SweepConfig, name: str, module: Any, ledger: Any) -> No
 def prepare_target(
     config: SweepConfig, model: str, dataset: str, ledger: Any, workdir: str | os.PathLike[str]
 ) -> PreparedTarget:
-    """Data, victim and Serve app of one target (the slices trials receive are seeded)."""
+    """Data, victim and Serve app of one target (the slices trials receive are seeded).
+
+    ``model`` is a zoo model (trained and registered first when missing) or a victim
+    specification of one's own (served as it is; nothing is trained).
+    """
+    from clusterattack.victims.registry import VICTIMS
+
     uri, data = load_target_data(config, dataset)
-    module, victim_name, version, tags = ensure_victim(config, model, dataset, data, workdir)
+    if model in VICTIMS:
+        module, victim_name, version, tags = ensure_victim(config, model, dataset, data, workdir)
+    else:
+        module, version = own_victim(model, data)
+        victim_name, tags = model, {}
+    model = target_name(model)
     name = app_name(config.experiment, model, dataset)
     serve_victim(config, name, module, ledger)
     train = data.subset("train", limit=config.train_pool, seed=config.seed)

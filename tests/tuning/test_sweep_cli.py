@@ -161,3 +161,14 @@ def test_an_interrupted_oracle_sweep_resumes_where_it_stopped_and_says_it_is_ora
         assert sorted(set(epochs)) == list(range(1, max(epochs) + 1))
         assert len(epochs) - len(set(epochs)) == (1 if child.data.tags["phase"] == "final" else 0)
     assert json.loads((experiment_dir / "sweep_state.json").read_text())["status"] == "completed"
+
+    # The report names the oracle selection on its rows too.
+    report = subprocess.run(
+        [sys.executable, "jobs/report.py", "--sweep", "resumable", "--no-mlflow", "--out", str(tmp_path / "report")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert report.returncode == 0, _tail(report.stdout + report.stderr)
+    page = (tmp_path / "report" / "index.html").read_text()
+    table1 = page[page.index('id="table1"') :]
+    table1 = table1[: table1.index("</table>")]
+    assert '<td class="text" data-key="selection">oracle</td>' in table1
