@@ -177,7 +177,6 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         from clusterattack.victims.registry import PRESETS as VICTIM_PRESETS
-        from clusterattack.victims.registry import VICTIMS
 
         if self.preset_name not in PRESETS:
             raise ValueError(f"preset_name must be one of {PRESETS}, got {self.preset_name!r}")
