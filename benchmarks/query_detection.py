@@ -644,15 +644,15 @@ def provenance(argv: list[str] | None, wall_s: float) -> dict[str, Any]:
 def write_records(results: dict[str, Any], prov: dict[str, Any], args: argparse.Namespace, folder: Path) -> list[Path]:
     """One record per table; ``clusterattack.reports.records.write_record`` when it exists, plain JSON otherwise."""
     tables = {
+        "calibration": ("Query detection: match rates of the detector's parameters (no serving)", CALIBRATION_COLUMNS),
         "attacks": ("Query detection: every attack against the served victim", ATTACK_COLUMNS),
         "honest": ("Query detection: honest traffic", HONEST_COLUMNS),
         "throughput": ("Query detection: serving throughput on and off", ["policy", "images_per_s", "ratio_to_off"]),
         "evasion": ("Query detection: evasion and its cost", EVASION_COLUMNS),
     }
-    common = {
-        **prov, "dataset": args.dataset, "eps": args.eps, "norm": "linf", "seeds": [args.seed],
-        "detection": results["detection"],
-    }  # fmt: skip
+    labels = ("attack", "policy", "option", "stream", "dataset", "levels", "window_rows", "match_fraction", "min_contrast")
+    common = {**prov, "seeds": [args.seed], "detection": results["detection"]}
+    served = {"dataset": args.dataset, "eps": args.eps, "norm": "linf"}
     paths = []
     try:
         from clusterattack.reports.records import write_record
@@ -662,21 +662,22 @@ def write_records(results: dict[str, Any], prov: dict[str, Any], args: argparse.
         rows = results.get(table)
         if not rows:
             continue
-        name = f"query_detection_{table}_{args.dataset}"
-        metric_keys = [c for c in columns if c not in ("attack", "policy", "option", "stream")]
+        # The calibration runs on its own two data sets, whatever --dataset is.
+        name = f"query_detection_{table}" + ("" if table == "calibration" else f"_{args.dataset}")
+        metric_keys = [c for c in columns if c not in labels]
         out_rows = []
         for r in rows:
             metrics = {k: (float(r[k]) if isinstance(r[k], bool | int | float) else r[k]) for k in metric_keys if r.get(k) is not None}
-            label = {k: r[k] for k in ("attack", "policy", "option", "stream") if k in r}
+            label = {k: r[k] for k in labels if k in r}
             out_rows.append({**label, "metrics": {k: v for k, v in metrics.items() if isinstance(v, float)}})
+        shared = common if table == "calibration" else {**common, **served}
         if write_record is not None:
-            paths.append(write_record(name, out_rows, common, title=title, kind="benchmark", folder=folder,
-                                      columns=[(k, k) for k in ("attack", "policy", "option", "stream") if k in rows[0]]
-                                      + [(k, k) for k in metric_keys]))  # fmt: skip
+            paths.append(write_record(name, out_rows, shared, title=title, kind="benchmark", folder=folder,
+                                      columns=[(k, k) for k in labels if k in rows[0]] + [(k, k) for k in metric_keys]))  # fmt: skip
         else:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{name}.json"
-            path.write_text(json.dumps({"title": title, "common": common, "rows": out_rows}, indent=1) + "\n")
+            path.write_text(json.dumps({"title": title, "common": shared, "rows": out_rows}, indent=1) + "\n")
             paths.append(path)
     return paths
 
