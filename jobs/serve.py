@@ -37,6 +37,7 @@ from pathlib import Path
 
 from clusterattack.serving.config import MODES, AutoscalingSpec, ServeConfig
 from clusterattack.serving.deployment import KeySpec, launch_victims
+from clusterattack.serving.detection import POLICIES, DetectionConfig
 from clusterattack.serving.ledger_actor import LedgerConfig
 from clusterattack.serving.ledger_records import default_ledger_path
 from clusterattack.victims.sources import VictimFactory, VictimSpecError, parse_victim_spec
@@ -100,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-images-per-request", type=int, default=4096)
     p.add_argument("--max-request-mb", type=float, default=16.0)
     p.add_argument("--max-ongoing-requests", type=int, default=16)
+    p.add_argument(
+        "--detection", choices=POLICIES, default="off",
+        help="stateful detection of query-based attacks per key (Blacklight-style fingerprints, "
+        "docs/serving.md): flag (metrics, admin listing, log) or block (403 QueryBlocked, nothing charged)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on all interfaces)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--ledger-path", default=default_ledger_path(), help="sqlite file of keys and budgets")
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         keys=args.key,
         admin_key=os.environ.get(args.admin_key_env) or None,
+        detection=DetectionConfig(policy=args.detection) if args.detection != "off" else None,
     )
     if args.json:
         print(json.dumps({"urls": launched.urls, "keys": [k.as_dict() for k in launched.keys]}))

@@ -37,3 +37,10 @@ def test_arguments_build_a_validated_config():
         build_config(parse_args(["--victim", "x", "--autoscale", "3:1"]))
     with pytest.raises(SystemExit):
         parse_args(["--victim", "x", "--mode", "logits"])
+
+
+def test_detection_is_a_policy_of_the_job():
+    assert parse_args(["--victim", "cc/mnist"]).detection == "off"
+    assert parse_args(["--victim", "cc/mnist", "--detection", "block"]).detection == "block"
+    with pytest.raises(SystemExit):
+        parse_args(["--victim", "cc/mnist", "--detection", "alarm"])
