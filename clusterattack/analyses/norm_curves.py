@@ -1,9 +1,12 @@
 """Scores against the perturbation norm (the paper's Fig. 3): one generator per (victim, eps), Ray tasks.
 
 For every victim and every eps a generator is trained against the victim (settings of
-``NormCurvesConfig.attack`` with that eps; cheap by default) and evaluated on the test
-split: NMI/ARI/ACC before and after, the perturbation norms actually used, and the
-image-queries training spent. RUC, the robust model, is a victim like the others.
+``NormCurvesConfig.attack`` with that eps, or of ``eps_attacks`` where it names that eps;
+cheap by default) and evaluated on the test split: NMI/ARI/ACC before and after, the
+perturbation norms actually used, and the image-queries training spent. With
+``reference_source`` (e.g. "whitebox") every point is trained a second time with that
+gradient source, so a black-box curve has its white-box reference beside it. RUC, the
+robust model, is a victim like the others.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from clusterattack.analyses.common import (
     test_split,
     train_split,
 )
-from clusterattack.attacks.config import NORMS, AttackConfig
+from clusterattack.attacks.config import GRADIENT_SOURCES, NORMS, AttackConfig
 from clusterattack.attacks.counting import CountingVictim
 from clusterattack.attacks.gan import train_generator
 from clusterattack.attacks.run import evaluate_generator
@@ -50,6 +53,11 @@ class NormCurvesConfig:
     ray_address: str | None = None
     threads: int = 1
     progress: bool = True
+    #: Per-eps base attacks that replace ``attack`` at their eps (e.g. a sweep's chosen
+    #: hyper-parameters at each eps); the point's norm, eps and seed still come from here.
+    eps_attacks: tuple[tuple[float, AttackConfig], ...] = ()
+    #: A second gradient source every point is also trained with (the white-box reference).
+    reference_source: str | None = None
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -72,9 +80,29 @@ class NormCurvesConfig:
             raise ValueError(f"test_limit must be an integer >= 2 or None (all), got {self.test_limit!r}")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
+        per_eps = tuple((float(e), a) for e, a in self.eps_attacks)
+        for e, a in per_eps:
+            if e not in self.eps_values or not isinstance(a, AttackConfig):
+                raise ValueError(
+                    f"eps_attacks must map eps values of {self.eps_values} to AttackConfig, got {e!r}: "
+                    f"{type(a).__name__}"
+                )
+        object.__setattr__(self, "eps_attacks", per_eps)
+        if self.reference_source is not None and self.reference_source not in GRADIENT_SOURCES:
+            raise ValueError(f"reference_source must be one of {GRADIENT_SOURCES} or None, got {self.reference_source!r}")
 
-    def attack_at(self, eps: float) -> AttackConfig:
-        return self.attack.override(norm=self.norm, eps=float(eps), seed=self.seed)
+    def attack_at(self, eps: float, gradient_source: str | None = None) -> AttackConfig:
+        """The attack of the point at ``eps`` (its ``eps_attacks`` entry, else ``attack``), optionally
+        with another gradient source."""
+        changes: dict[str, Any] = {"norm": self.norm, "eps": float(eps), "seed": self.seed}
+        if gradient_source is not None:
+            changes["gradient_source"] = gradient_source
+        return dict(self.eps_attacks).get(float(eps), self.attack).override(**changes)
+
+    @property
+    def gradient_sources(self) -> tuple[str | None, ...]:
+        """None (each point's own source), then the reference source if any."""
+        return (None,) if self.reference_source is None else (None, self.reference_source)
 
 
 @dataclass
@@ -134,7 +162,9 @@ def run_norm_curves(
     if victims is None:
         victims = {name: load_victim_named(name, config.dataset, files) for name in config.victims}
     if data is None:
-        train_x, _ = train_split(config.dataset, attack_pool_size(config.attack), config.seed)
+        pools = [attack_pool_size(a) for a in (config.attack, *dict(config.eps_attacks).values())]
+        pool = None if None in pools else max(p for p in pools if p is not None)
+        train_x, _ = train_split(config.dataset, pool, config.seed)
         test_x, test_y = test_split(config.dataset, config.test_limit, config.seed)
     else:
         train_x, test_x, test_y = data
@@ -142,15 +172,19 @@ def run_norm_curves(
     refs = {name: executor.put(victims[name]) for name in config.victims}
     train_ref, test_ref, label_ref = executor.put(train_x), executor.put(test_x), executor.put(test_y)
     handles = [
-        executor.submit(norm_curve_point, refs[name], name, train_ref, test_ref, label_ref, config.attack_at(eps))
+        executor.submit(
+            norm_curve_point, refs[name], name, train_ref, test_ref, label_ref, config.attack_at(eps, source)
+        )
         for name in config.victims
         for eps in config.eps_values
+        for source in config.gradient_sources
     ]
     rows = executor.gather(handles, "norm curves", config.progress)
     payload = {
         "dataset": config.dataset,
         "norm": config.norm,
         "gradient_source": config.attack.gradient_source,
+        "reference_source": config.reference_source,
         "rows": rows,
         "seed": config.seed,
         "attack_loss": config.attack.attack_loss,
@@ -158,9 +192,8 @@ def run_norm_curves(
     }
     from clusterattack.reports.analysis_figures import norm_curves_figure
 
-    fig = norm_curves_figure(
-        rows, config.norm, f"{config.dataset}: scores vs eps ({config.attack.gradient_source} gradients)"
-    )
+    sources = config.attack.gradient_source + (f" and {config.reference_source}" if config.reference_source else "")
+    fig = norm_curves_figure(rows, config.norm, f"{config.dataset}: scores vs eps ({sources} gradients)")
     return NormCurvesResult(payload, {"norm_curves": fig})
 
 

@@ -8,7 +8,13 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["detection_histogram", "norm_curves_figure", "pca_scatter_3d", "transfer_heatmap"]
+__all__ = [
+    "detection_histogram",
+    "equal_queries_figure",
+    "norm_curves_figure",
+    "pca_scatter_3d",
+    "transfer_heatmap",
+]
 
 METRIC_NAMES = {"nmi": "NMI", "ari": "ARI", "acc": "ACC"}
 
@@ -56,20 +62,27 @@ def norm_curves_figure(rows: Sequence[Mapping[str, Any]], norm: str = "linf", ti
     """The paper's Fig. 3: NMI/ARI/ACC after the attack against eps, one line per victim.
 
     ``rows`` are dicts with ``victim``, ``eps``, ``<metric>_pre`` and ``<metric>_post``; the
-    clean score is drawn at eps 0.
+    clean score is drawn at eps 0. Rows of several gradient sources (``gradient_source``:
+    a black-box curve with its white-box reference) get one line per victim and source, the
+    white-box one dashed.
     """
     fig = Figure(figsize=(12, 3.6), layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
-    victims = sorted({str(r["victim"]) for r in rows})
+    sources = sorted({str(r.get("gradient_source", "")) for r in rows})
+    lines = sorted({(str(r["victim"]), str(r.get("gradient_source", ""))) for r in rows})
+    colours = {v: f"C{i % 10}" for i, v in enumerate(sorted({v for v, _ in lines}))}
     for ax, metric in zip(axes, ("nmi", "ari", "acc"), strict=True):
-        for victim in victims:
-            mine = sorted((r for r in rows if r["victim"] == victim), key=lambda r: float(r["eps"]))
-            if not mine:
-                continue
+        for victim, source in lines:
+            mine = sorted(
+                (r for r in rows if str(r["victim"]) == victim and str(r.get("gradient_source", "")) == source),
+                key=lambda r: float(r["eps"]),
+            )
             eps = [0.0] + [float(r["eps"]) for r in mine]
             pre = float(np.mean([float(r[f"{metric}_pre"]) for r in mine]))
             values = [pre] + [float(r[f"{metric}_post"]) for r in mine]
-            ax.plot(eps, values, marker="o", label=victim)
+            label = victim if len(sources) == 1 else f"{victim} ({source})"
+            style = "--" if source == "whitebox" and len(sources) > 1 else "-"
+            ax.plot(eps, values, marker="o", linestyle=style, color=colours[victim], label=label)
         ax.set_xlabel(f"eps ({norm})")
         ax.set_title(METRIC_NAMES[metric])
         ax.set_ylim(0, 1)
@@ -120,4 +133,33 @@ def detection_histogram(scores_clean: Any, scores_adv: Any, threshold: float, ti
     ax.set_ylabel("density")
     ax.legend()
     ax.set_title(title or "SSD anomaly scores")
+    return fig
+
+
+def equal_queries_figure(
+    rows: Sequence[Mapping[str, Any]], generator_queries: float, split_images: int, title: str | None = None
+) -> Figure:
+    """Appendix E at equal total queries: relative NMI drop against the image-queries spent over the
+    whole test split (log scale): the generator once, each per-image attack per image.
+
+    ``rows`` have ``method`` ("generator" or a baseline), ``total_image_queries`` and
+    ``nmi_drop``; a dotted line marks the generator's total, where the comparison is fair.
+    """
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    methods = list(dict.fromkeys(str(r["method"]) for r in rows))
+    for i, method in enumerate(m for m in methods if m != "generator"):
+        pts = sorted((float(r["total_image_queries"]), float(r["nmi_drop"])) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i + 1}", label=method)
+    for r in rows:
+        if r["method"] == "generator":
+            ax.plot([float(r["total_image_queries"])], [float(r["nmi_drop"])], marker="*", markersize=14,
+                    color="C0", linestyle="none", label="generator (one-off)")  # fmt: skip
+    ax.axvline(float(generator_queries), color="0.4", linestyle=":", label="equal total")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"image-queries over the {split_images:,}-image test split")
+    ax.set_ylabel("relative NMI drop")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "generator vs per-image attacks at equal total queries")
     return fig

@@ -19,7 +19,7 @@ from clusterattack.attacks.gan import perturb_images
 from clusterattack.metrics import hungarian_matching
 from clusterattack.reports.report import Breakdown
 
-__all__ = ["compute_breakdown", "grid_indices", "ordered_confusions"]
+__all__ = ["ARRAY_FIELDS", "breakdown_from_record", "breakdown_to_record", "compute_breakdown", "grid_indices", "ordered_confusions"]
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +130,42 @@ def compute_breakdown(
         class_names=tuple(class_names),
         cluster_names=names,
     )
+
+
+#: The Breakdown fields stored as arrays (an ``.npz`` beside the JSON record).
+ARRAY_FIELDS = (
+    "confusion_pre", "confusion_post", "cluster_order", "grid_clean", "grid_adv", "grid_labels", "grid_pre",
+    "grid_post",
+)  # fmt: skip
+
+
+def breakdown_to_record(b: Breakdown) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(JSON-able fields, arrays) of a Breakdown: what an analysis run stores and the report reads back.
+
+    The fields hold the cluster-size breakdown too (``cluster_sizes_pre``/``_post`` in
+    ``scores``, each column's size in the confusion order under ``cluster_sizes_ordered_*``).
+    """
+    fields = {
+        k: getattr(b, k)
+        for k in Breakdown.__dataclass_fields__
+        if k not in ARRAY_FIELDS and k not in ("class_names", "cluster_names")
+    }
+    fields["class_names"] = list(b.class_names)
+    fields["cluster_names"] = {str(k): v for k, v in b.cluster_names.items()}
+    fields["cluster_sizes_ordered_pre"] = np.asarray(b.confusion_pre).sum(0).tolist()
+    fields["cluster_sizes_ordered_post"] = np.asarray(b.confusion_post).sum(0).tolist()
+    arrays = {k: np.asarray(getattr(b, k)) for k in ARRAY_FIELDS if getattr(b, k) is not None}
+    return fields, arrays
+
+
+def breakdown_from_record(fields: dict[str, Any], arrays: dict[str, np.ndarray]) -> Breakdown:
+    """The Breakdown :func:`breakdown_to_record` stored (unknown fields are ignored)."""
+    known = set(Breakdown.__dataclass_fields__)
+    missing = [k for k in ARRAY_FIELDS if k not in arrays and k != "cluster_order"]
+    if missing:
+        raise ValueError(f"breakdown record lacks the arrays {missing}; it holds {sorted(arrays)}")
+    values = {k: v for k, v in fields.items() if k in known}
+    values["class_names"] = tuple(fields.get("class_names") or ())
+    values["cluster_names"] = {int(k): v for k, v in (fields.get("cluster_names") or {}).items()}
+    values.update({k: np.asarray(v) for k, v in arrays.items() if k in known})
+    return Breakdown(**values)

@@ -23,6 +23,7 @@ __all__ = [
     "FIGURE_DIR",
     "confusion_pair_figure",
     "copy_figure",
+    "equal_queries_figure",
     "image_grid_figure",
     "norm_curves_figure",
     "pca_figure",
@@ -150,6 +151,7 @@ def image_grid_figure(
 transfer_figure = analysis_figures.transfer_heatmap
 norm_curves_figure = analysis_figures.norm_curves_figure
 pca_figure = analysis_figures.pca_scatter_3d
+equal_queries_figure = analysis_figures.equal_queries_figure
 
 
 def copy_figure(src: str | Path, folder: str | Path, name: str) -> str:

@@ -15,6 +15,7 @@ from string import Template
 from typing import Any
 
 __all__ = [
+    "SECTION_STATES",
     "Column",
     "Section",
     "esc",
@@ -157,14 +158,29 @@ def provenance_html(items: Mapping[str, Any], run_ids: Sequence[str] = ()) -> st
     return f'<p class="provenance">{" ".join(parts)}</p>'
 
 
+#: What a section holds: its figures, a failed analysis (and why), an analysis the sweep did not
+#: ask for (and how to ask), or inputs that do not exist (and the command that makes them).
+SECTION_STATES = ("filled", "failed", "not_requested", "missing")
+_STATE_NOTE = {"failed": "failed", "not_requested": "not requested", "missing": MISSING}
+
+
 @dataclass(frozen=True)
 class Section:
-    """One section of the page; ``filled`` False when its inputs do not exist yet."""
+    """One section of the page; ``filled`` False when it lacks its content, ``state`` says why."""
 
     ident: str
     title: str
     body: str
     filled: bool = True
+    state: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.state:
+            object.__setattr__(self, "state", "filled" if self.filled else "missing")
+        if self.state not in SECTION_STATES:
+            raise ValueError(f"section {self.ident!r}: state must be one of {SECTION_STATES}, got {self.state!r}")
+        if self.filled != (self.state == "filled"):
+            raise ValueError(f"section {self.ident!r}: filled={self.filled} contradicts state {self.state!r}")
 
 
 _PAGE = Template(
@@ -186,9 +202,14 @@ caption { text-align: left; font-weight: 600; padding: .3em 0; }
 figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: .85em; color: #555; max-width: 60em; }
-.missing { background: #fff6e0; border-left: 4px solid #e0a800; padding: .5em .8em; }
-.provenance { font-size: .85em; color: #444; background: #f7f7fb; padding: .4em .6em; }
-.provenance span { margin-right: 1em; white-space: nowrap; }
+.missing { background: #fff6e0; border-left: 4px solid #e0a800; padding: .5em .8em; overflow-wrap: anywhere; }
+.failed { background: #fdecea; border-left: 4px solid #c62828; padding: .5em .8em; overflow-wrap: anywhere; }
+ul.failed { padding-left: 2em; }
+.provenance { font-size: .85em; color: #444; background: #f7f7fb; padding: .4em .6em; overflow-wrap: anywhere; }
+.provenance span { margin-right: 1em; display: inline-block; max-width: 100%; }
+section, figure, figcaption, p, li { overflow-wrap: anywhere; }
+figure { max-width: 100%; box-sizing: border-box; }
+table { overflow-wrap: normal; }
 .note { font-size: .9em; color: #444; }
 nav ul { columns: 2; font-size: .9em; }
 code { font-size: .92em; }
@@ -211,11 +232,12 @@ $sections
 def page_html(title: str, sections: Sequence[Section], header: str = "", footer: str = "") -> str:
     """The whole page: title, a header block (already HTML), a table of contents and the sections."""
     toc = "\n".join(
-        f'<li><a href="#{esc(s.ident)}">{esc(s.title)}</a>{"" if s.filled else f" ({MISSING})"}</li>'
+        f'<li><a href="#{esc(s.ident)}">{esc(s.title)}</a>{"" if s.filled else f" ({_STATE_NOTE[s.state]})"}</li>'
         for s in sections
     )
     body = "\n".join(
-        f'<section id="{esc(s.ident)}" data-filled="{str(s.filled).lower()}">\n<h2>{esc(s.title)}</h2>\n{s.body}\n</section>'
+        f'<section id="{esc(s.ident)}" data-filled="{str(s.filled).lower()}" data-state="{esc(s.state)}">\n'
+        f"<h2>{esc(s.title)}</h2>\n{s.body}\n</section>"
         for s in sections
     )
     return _PAGE.substitute(

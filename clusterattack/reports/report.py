@@ -1,10 +1,12 @@
-"""The HTML report of a sweep and its analyses: ``ReportData`` in, a self-contained folder out.
+"""The HTML report of one sweep and its analyses: ``ReportData`` in, a self-contained folder out.
 
 ``write_report(data, folder)`` writes ``index.html``, its figures as PNG files under
 ``figures/`` (relative links, so the folder opens offline and can be copied or logged as
-artifacts) and ``report.json`` with every number shown. Sections whose inputs are
-missing say so and name the command that produces them. Gathering the data from MLflow
-is ``clusterattack.tracking.reports``; nothing here touches a store.
+artifacts) and ``report.json`` with every number shown. Every table and figure names where
+it came from: victim version, generator and its run, code commit, seeds and selection
+objective. A section whose analysis failed says so and why; one the sweep did not request
+says how to request it. Gathering the data from MLflow is ``clusterattack.tracking.reports``;
+nothing here touches a store.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,13 @@ import numpy as np
 
 from clusterattack.metrics import CLUSTERING_METRICS
 from clusterattack.reports import figures as figs
-from clusterattack.reports.analysis_sections import ANALYSIS_KINDS, analysis_sections
+from clusterattack.reports.analysis_sections import (
+    ANALYSIS_KINDS,
+    absent_html,
+    analysis_sections,
+    code_text,
+    failure_html,
+)
 from clusterattack.reports.html import (
     Column,
     Section,
@@ -50,33 +58,22 @@ INDEX = "index.html"
 DATA_FILE = "report.json"
 
 
-def default_commands(
-    dataset: str = "<dataset>",
-    victims: Sequence[str] = ("<model>",),
-    generators: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """What to run to produce each section's inputs (shown in place of a missing section).
+def default_commands(sweep: str | None = None, preset: str = "demo") -> dict[str, str]:
+    """How to produce each section's inputs (shown in place of a section the sweep lacks).
 
-    ``victims`` are model names (``cc``), ``generators`` map a model to its registered
-    generator (``generator-cc-fashion_mnist/1``); the sweep's own ones when there is a sweep.
+    With a sweep: its analyses run on its own generators (``jobs/report.py --run-analyses``);
+    without one: a new sweep that runs them all.
     """
-    victims = list(victims) or ["<model>"]
-    gens = {v: (generators or {}).get(v) or f"generator-{v}-{dataset}" for v in victims}
-    first = victims[0]
-    names = " ".join(victims)
-    return {
-        "sweep": "python jobs/sweep.py --preset demo",
-        "breakdown": "python jobs/sweep.py --preset demo  (a sweep that registers its best generators; "
-        "then run this report again)",
-        "norm_curves": f"python jobs/transfer.py norm-curves --dataset {dataset} --victims {names} "
-        "--eps-values 0.05 0.1 0.15 0.2",
-        "transfer": f"python jobs/transfer.py matrix --dataset {dataset} --victims {names} "
-        + " ".join(f"--generator {v}={g}" for v, g in gens.items()),
-        "detection": f"python jobs/defend.py detect --dataset {dataset} --victim {first} --generator {gens[first]}",
-        "pca": f"python jobs/defend.py pca --dataset {dataset} --victim {first} --generator {gens[first]}",
-        "retraining": f"python jobs/defend.py retrain --dataset {dataset} --victim {first} "
-        + " ".join(f"--generator {g}" for g in gens.values()),
-    }
+    new_sweep = f"python jobs/sweep.py --preset {preset} --analyses all"
+    out = {"sweep": new_sweep}
+    for kind in ("breakdown", *ANALYSIS_KINDS):
+        out[kind] = (
+            f"python jobs/report.py --sweep {sweep} --run-analyses {kind}  (or a new sweep: "
+            f"python jobs/sweep.py --preset {preset} --analyses {kind})"
+            if sweep
+            else f"python jobs/sweep.py --preset {preset} --analyses {kind}"
+        )
+    return out
 
 
 @dataclass
@@ -98,14 +95,35 @@ class SweepTables:
 
 @dataclass
 class AnalysisResult:
-    """The newest analysis run of one kind: its JSON payload, for PCA the point arrays, and the
-    PNG figures the run logged (name -> local file; shown for kinds the report does not redraw)."""
+    """One analysis run of the sweep (or one item of it: a row, a group of rows).
+
+    ``payload`` is the run's JSON payload (an item's own payload for an item); ``items``
+    the run's items, each an ``AnalysisResult`` with its ``label`` (the item key, e.g.
+    ``cc-digits-surrogate-eps0.1``), ``provenance`` (victim versions, generators and their
+    runs, seeds, selection), arrays (PCA points, breakdown arrays) and logged PNG figures
+    (name -> local file). ``status`` is the run's (FINISHED, FAILED, RUNNING, KILLED) and
+    ``error`` why it failed; ``tags`` the run's tags (its code commit among them). A result
+    without ``items`` whose payload holds none is shown as a single item.
+    """
 
     kind: str
     run_id: str
     payload: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     figure_files: dict[str, Path] = field(default_factory=dict)
+    status: str = "FINISHED"
+    error: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    items: list[AnalysisResult] = field(default_factory=list)
+    label: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parts(self) -> list[AnalysisResult]:
+        """What to show: the items, or the result itself when it is a single payload."""
+        if self.items or "items" in self.payload:
+            return list(self.items)
+        return [self]
 
 
 @dataclass
@@ -141,6 +159,10 @@ class Breakdown:
     class_names: tuple[str, ...] = ()
     cluster_names: dict[int, str] = field(default_factory=dict)
     cluster_order: np.ndarray | None = None  # cluster id of each confusion column (None: 0..K-1)
+    selection: str = ""  # selection objective of the sweep row the generator came from
+    seeds: str = ""  # that row's seed runs
+    code: str = ""  # the code commit that computed this breakdown ("<commit>" or "<commit> (dirty)")
+    run_id: str = ""  # the analysis run that holds it ("" when the report recomputed it)
 
 
 @dataclass
@@ -157,6 +179,8 @@ class ReportData:
     breakdown_error: str = ""
     commands: dict[str, str] = field(default_factory=default_commands)
     notes: list[str] = field(default_factory=list)
+    #: The analyses the sweep asked for (its parent run's ``analyses.requested`` tag).
+    requested: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------ tables
@@ -171,6 +195,8 @@ TABLE1_COLUMNS = (
     Column("eps", "eps"),
     Column("selection", "selection", "text", "label_free: chosen on the attacker's own hold-out; oracle: on test labels"),
     Column("seeds", "seeds", "text", "the seed runs averaged in this row"),
+    Column("generator", "generator", "text", "the registered generator the attacker kept (analyses use it)"),
+    Column("generator_run_id", "generator run", "text", "the seed run that trained and registered it"),
     Column("nmi", "NMI pre → post", "arrow"),
     Column("nmi_post_std", "± std", "num", "standard deviation of the post-attack NMI over seeds"),
     Column("nmi_drop", "NMI drop", "pct", "relative drop (pre - post) / pre"),
@@ -192,6 +218,7 @@ TABLE1_COLUMNS = (
 
 TABLE2_COLUMNS = (
     Column("victim", "victim", "text"),
+    Column("victim_version", "version", "text"),
     Column("dataset", "dataset", "text"),
     Column("gradient_source", "gradient source", "text"),
     Column("norm", "norm", "text"),
@@ -263,7 +290,14 @@ def _sweep_sections(data: ReportData) -> list[Section]:
             Section("table2", "Table 2: query complexity", missing_html(cmd), False),
         ]
     source = provenance_html(
-        {"sweep": tables.name, "experiment": "sweeps", "status": tables.tags.get("status", "")},
+        {
+            "sweep": tables.name,
+            "experiment": "sweeps",
+            "status": tables.tags.get("status", ""),
+            "selection": tables.tags.get("selection", ""),
+            "seeds": ", ".join(dict.fromkeys(str(r.get("seeds")) for r in tables.table1 if r.get("seeds"))),
+            "code": code_text(tables.tags),
+        },
         [tables.parent_run_id],
     )
     note1 = (
@@ -305,25 +339,31 @@ def _sweep_sections(data: ReportData) -> list[Section]:
 
 # ------------------------------------------------------------------ breakdown and grid
 def _breakdown_provenance(b: Breakdown) -> str:
-    return provenance_html(
-        {
-            "victim": b.victim,
-            "dataset": b.dataset,
-            "generator": b.generator,
-            "gradient source": b.gradient_source,
-            "eps": f"{b.norm} {b.eps:g}",
-            "attack seed": b.seed,
-            "test images": f"{b.n_images} (seed {b.sample_seed})",
-            "report's own image-queries": b.image_queries,
-        },
-        [b.generator_run_id],
-    )
+    items = {
+        "victim": b.victim,
+        "dataset": b.dataset,
+        "generator": f"{b.generator} (run {b.generator_run_id})",
+        "gradient source": b.gradient_source,
+        "eps": f"{b.norm} {b.eps:g}",
+        "selection": b.selection,
+        "seeds": b.seeds,
+        "attack seed": b.seed,
+        "code": b.code,
+        "test images": f"{b.n_images} (seed {b.sample_seed})",
+        "image-queries (local)": b.image_queries,
+    }
+    return provenance_html({k: v for k, v in items.items() if v not in ("", None)}, [b.run_id] if b.run_id else [])
 
 
 def _local_note(b: Breakdown) -> str:
+    where = (
+        f"By the sweep's breakdown analysis (run {esc(b.run_id)})"
+        if b.run_id
+        else "Recomputed for this report (the sweep ran no breakdown analysis)"
+    )
     return (
-        '<p class="note">Recomputed for this report: the registered generator perturbs a seeded sample of test '
-        "images and the victim is queried <em>locally</em> (not through the served, budgeted API), "
+        f'<p class="note">{where}: the registered generator perturbs the sweep\'s test images and the victim '
+        "is queried <em>locally</em> (not through the served, budgeted API), "
         f"{esc(fmt(b.image_queries, 'int'))} image-queries that no sweep budget counts.</p>"
     )
 
@@ -334,22 +374,31 @@ def _agreement(b: Breakdown, tables: SweepTables | None) -> str:
         (
             r
             for r in (tables.table1 if tables else [])
-            if (r.get("model"), r.get("dataset")) == (b.model, b.dataset)
+            if (r.get("model"), r.get("dataset"), r.get("gradient_source")) == (b.model, b.dataset, b.gradient_source)
+            and _num(r.get("eps")) is not None
+            and abs(float(r["eps"]) - b.eps) < 1e-9
         ),
         None,
     )
     if row is None:
         return ""
-    keys = [f"{m}_{w}" for m in _METRICS for w in ("pre", "post")]
-    pairs = [(k, _num(row.get(k)), _num(b.scores.get(k))) for k in keys]
-    diffs = [abs(a - c) for _, a, c in pairs if a is not None and c is not None]
+    pre = [(f"{m}_pre", _num(row.get(f"{m}_pre")), _num(b.scores.get(f"{m}_pre"))) for m in _METRICS]
+    diffs = [abs(a - c) for _, a, c in pre if a is not None and c is not None]
     if diffs and max(diffs) < 5e-4:
-        return '<p class="note">These recomputed scores reproduce Table 1 (every difference under 0.0005).</p>'
-    shown = ", ".join(f"{k} {fmt(a)} there" for k, a, _ in pairs)
-    return (
-        f'<p class="note">These recomputed scores differ from Table 1 ({esc(shown)}): the test sample, '
-        "the victim version or the generator differs from the sweep's.</p>"
-    )
+        text = "The clean scores reproduce Table 1's (every difference under 0.0005)"
+    else:
+        shown = ", ".join(f"{k} {fmt(a)} there" for k, a, _ in pre)
+        text = f"The clean scores differ from Table 1's ({esc(shown)}): the test sample or the victim version differs"
+    post = _num(row.get("nmi_post"))
+    if post is not None:
+        spread = _num(row.get("nmi_post_std"))
+        text += (
+            f"; Table 1's post-attack NMI {fmt(post)}"
+            + (f" ± {fmt(spread)}" if spread is not None else "")
+            + f" is the mean over its seed runs ({esc(row.get('seeds', ''))}), this one the generator the attacker "
+            f"kept (seed {b.seed}): NMI {fmt(b.scores.get('nmi_post'))}"
+        )
+    return f'<p class="note">{text}.</p>'
 
 
 def _num(value: Any) -> float | None:
@@ -363,18 +412,28 @@ def _num(value: Any) -> float | None:
 def _breakdown_sections(data: ReportData, folder: Path) -> list[Section]:
     title_cm = "Clustering breakdown: confusion matrices before and after (Fig. 2)"
     title_grid = "Clean and perturbed images with their clusters (Fig. 1)"
+    run = data.analyses.get("breakdown")
+    failure = failure_html(run) if run is not None else ""
     if not data.breakdowns:
-        cmd = data.commands["breakdown"] if data.sweep is not None else data.commands["sweep"]
-        body = missing_html(cmd, data.breakdown_error)
+        if data.sweep is None:
+            body = missing_html(data.commands["sweep"])
+        elif run is None and data.breakdown_error and "breakdown" not in data.requested:
+            body = absent_html(data, "breakdown") + (
+                f'<p class="note">Recomputing it for this report did not work either: {esc(data.breakdown_error)}</p>'
+            )
+        else:
+            body = failure or absent_html(data, "breakdown")
+        not_asked = data.sweep is not None and run is None and "breakdown" not in data.requested
+        state = "failed" if failure else ("not_requested" if not_asked else "missing")
         return [
-            Section("confusion", title_cm, body, False),
-            Section("grid", title_grid, body, False),
+            Section("confusion", title_cm, body, False, state),
+            Section("grid", title_grid, body, False, state),
         ]
-    cm_parts, grid_parts = [], []
+    cm_parts, grid_parts = [failure], [failure]
     for b in data.breakdowns:
-        key = f"{b.model}-{b.dataset}"
+        key = f"{b.model}-{b.dataset}-{b.gradient_source}-eps{b.eps:g}"
         s = b.scores
-        heading = f"<h3>{esc(b.victim)} on {esc(b.dataset)}</h3>"
+        heading = f"<h3>{esc(b.victim)} on {esc(b.dataset)}: {esc(b.gradient_source)}, {esc(b.norm)} eps {b.eps:g}</h3>"
         scores_table = table_html(
             [{"victim": b.victim, **{k: s.get(k) for k in s if isinstance(s.get(k), int | float)}}],
             (
@@ -433,9 +492,11 @@ def _breakdown_sections(data: ReportData, folder: Path) -> list[Section]:
                 "Names in brackets are the classes clusters match on clean images.",
             )
         )
+    filled = not failure
+    state = "filled" if filled else "failed"
     return [
-        Section("confusion", title_cm, "\n".join(cm_parts)),
-        Section("grid", title_grid, "\n".join(grid_parts)),
+        Section("confusion", title_cm, "\n".join(cm_parts), filled, state),
+        Section("grid", title_grid, "\n".join(grid_parts), filled, state),
     ]
 
 
@@ -481,8 +542,10 @@ def _numbers(data: ReportData) -> dict[str, Any]:
                         "table3": s.table3,
                         "generators": s.generators}  # fmt: skip
     out["analyses"] = {
-        k: {"run_id": a.run_id, "payload": a.payload} for k, a in data.analyses.items()
+        k: {"run_id": a.run_id, "status": a.status, "error": a.error, "payload": a.payload}
+        for k, a in data.analyses.items()
     }
+    out["requested"] = list(data.requested)
     out["breakdowns"] = [
         {
             "victim": b.victim,
@@ -492,6 +555,10 @@ def _numbers(data: ReportData) -> dict[str, Any]:
             "n_images": b.n_images,
             "sample_seed": b.sample_seed,
             "image_queries": b.image_queries,
+            "selection": b.selection,
+            "seeds": b.seeds,
+            "code": b.code,
+            "run_id": b.run_id,
             "scores": b.scores,
             "confusion_pre": b.confusion_pre,
             "confusion_post": b.confusion_post,

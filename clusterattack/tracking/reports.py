@@ -1,10 +1,13 @@
-"""What the HTML report shows, read from MLflow: a sweep's tables, the newest analyses, and the registered generators.
+"""What the HTML report shows, read from MLflow: one sweep's tables and its own analyses' child runs.
 
-``gather_report`` returns a :class:`~clusterattack.reports.ReportData` (pure data) that
-``clusterattack.reports.write_report`` turns into a folder; ``log_report`` stores that
-folder as the artifacts (``report/``) of a run in experiment ``reports`` and tags the
-sweep's parent run with that run's id (``report.run_id``), so the sweep links to its
-newest report while the sweep's own artifacts stay as the sweep wrote them.
+``gather_report`` returns a :class:`~clusterattack.reports.ReportData` (pure data) of one
+sweep parent run: Tables 1-2 (each row with its registered generator and the run that made
+it) and, per analysis, the newest child run of that parent (``clusterattack.analyses.suite``)
+with its status, error, items and their arrays. Analyses logged elsewhere (stand-alone
+``jobs/transfer.py`` or ``jobs/defend.py`` runs in experiment ``analyses``) are not shown.
+``clusterattack.reports.write_report`` turns the data into a folder; ``log_report`` stores
+that folder as the artifacts (``report/``) of a run in experiment ``reports`` and tags the
+sweep's parent run with that run's id (``report.run_id``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import numpy as np
@@ -23,17 +27,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from clusterattack.reports.report import (
-    ANALYSIS_KINDS,
     AnalysisResult,
     ReportData,
     SweepTables,
     default_commands,
 )
 from clusterattack.tracking.analyses import (
-    ANALYSIS_EXPERIMENT,
-    TAG_ANALYSIS,
-    TAG_DATASET,
+    ERROR_TAG,
+    REQUESTED_TAG,
     registered_generator_info,
+    sweep_analysis_runs,
 )
 from clusterattack.tracking.store import configure, ensure_experiment, source_tags
 from clusterattack.tracking.sweeps import PARENT_TAG, SWEEP_EXPERIMENT, TRIAL_TAG
@@ -45,8 +48,8 @@ __all__ = [
     "find_sweep",
     "gather_report",
     "log_report",
-    "read_analyses",
     "read_sweep",
+    "read_sweep_analyses",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,55 +164,74 @@ def read_sweep(
 
 
 # ------------------------------------------------------------------ analyses
-def read_analyses(client: MlflowClient, dataset: str, dst: str | Path) -> dict[str, AnalysisResult]:
-    """The newest run of each analysis kind for ``dataset``: payload, PCA points and logged figures
-    (downloaded under ``dst``)."""
-    exp = client.get_experiment_by_name(ANALYSIS_EXPERIMENT)
-    if exp is None:
+#: Kinds whose logged PNGs the report shows (it redraws the others from their payloads).
+_LOGGED_FIGURES = ("detection",)
+
+
+def _item_arrays(client: MlflowClient, run_id: str, path: Any, where: Path) -> dict[str, np.ndarray]:
+    if not isinstance(path, str):
         return {}
+    local = _download(client, run_id, path, where)
+    if local is None:
+        return {}
+    with np.load(local) as npz:
+        return {k: np.asarray(npz[k]) for k in npz.files}
+
+
+def read_sweep_analyses(
+    client: MlflowClient, parent_run_id: str, dst: str | Path, dataset: str | None = None
+) -> dict[str, AnalysisResult]:
+    """The newest child run of each analysis under a sweep's parent run: status, error, payload, and
+    its items (of ``dataset`` only, when given) with their arrays and logged figures, under ``dst``."""
     out: dict[str, AnalysisResult] = {}
-    for kind in ANALYSIS_KINDS:
-        runs = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`{TAG_ANALYSIS}` = '{kind}' and tags.`{TAG_DATASET}` = '{dataset}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=20,
-        )
-        for run in runs:  # the newest run that has its payload (a crashed one may not)
-            run_id = run.info.run_id
-            where = Path(dst) / kind / run_id
-            path = _download(client, run_id, f"analysis/{kind}.json", where)
-            if path is None:
-                log.warning(
-                    "analysis run %s (%s) has no analysis/%s.json: skipped", run_id, kind, kind
-                )
-                continue
-            payload = json.loads(path.read_text())
-            result = AnalysisResult(kind, run_id, payload)
-            points = payload.get("points") if kind == "pca" else None
-            if isinstance(points, str):
-                local = _download(client, run_id, points, where)
-                if local is not None:
-                    with np.load(local) as npz:
-                        result.arrays = {k: np.asarray(npz[k]) for k in npz.files}
-            for item in client.list_artifacts(run_id, "figures"):
-                if item.path.endswith(".png"):
-                    local = _download(client, run_id, item.path, where)
-                    if local is not None:
-                        result.figure_files[Path(item.path).stem] = local
+    for kind, run in sweep_analysis_runs(parent_run_id).items():
+        run_id = run.info.run_id
+        tags = dict(run.data.tags)
+        where = Path(dst) / kind / run_id
+        result = AnalysisResult(kind, run_id, {}, status=run.info.status, error=tags.get(ERROR_TAG, ""), tags=tags)
+        path = _download(client, run_id, f"analysis/{kind}.json", where)
+        if path is None:
+            log.warning("analysis run %s (%s) has no analysis/%s.json", run_id, kind, kind)
+            result.payload = {"items": []}
             out[kind] = result
-            break
+            continue
+        result.payload = json.loads(path.read_text())
+        figures: list[str] = []
+        if kind in _LOGGED_FIGURES:
+            figures = [a.path for a in client.list_artifacts(run_id, "figures") if a.path.endswith(".png")]
+        for item in result.payload.get("items", []):
+            payload, key = dict(item.get("payload") or {}), str(item.get("key", ""))
+            provenance = dict(item.get("provenance") or {})
+            if dataset is not None and payload.get("dataset", provenance.get("dataset")) not in (None, dataset):
+                continue
+            sub = AnalysisResult(kind, run_id, payload, label=key, provenance=provenance, tags=tags)
+            sub.arrays = _item_arrays(client, run_id, payload.get("points") or payload.get("arrays"), where)
+            for fig in figures:
+                stem = Path(fig).stem
+                if stem.startswith(f"{key}__"):
+                    local = _download(client, run_id, fig, where)
+                    if local is not None:
+                        sub.figure_files[stem.removeprefix(f"{key}__")] = local
+            result.items.append(sub)
+        out[kind] = result
     return out
 
 
-def _newest_analysis_dataset(client: MlflowClient) -> str | None:
-    exp = client.get_experiment_by_name(ANALYSIS_EXPERIMENT)
-    if exp is None:
-        return None
-    runs = client.search_runs(
-        [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
-    )
-    return runs[0].data.tags.get(TAG_DATASET) if runs else None
+def _stored_breakdowns(result: AnalysisResult) -> list[Any]:
+    """The Breakdowns a breakdown analysis run stored, with the run and code that made them."""
+    from clusterattack.reports.analysis_sections import code_text
+    from clusterattack.reports.breakdown import breakdown_from_record
+
+    out = []
+    for item in result.items:
+        try:
+            b = breakdown_from_record(item.payload, item.arrays)
+        except (TypeError, ValueError) as err:
+            log.warning("breakdown item %s of run %s cannot be read: %s", item.label, result.run_id, err)
+            continue
+        b.run_id, b.code = result.run_id, code_text(result.tags)
+        out.append(b)
+    return out
 
 
 # ------------------------------------------------------------------ breakdowns
@@ -228,7 +250,12 @@ def _test_sample(dataset: str, config: dict[str, Any]) -> Any:
     else:
         data = load_dataset(dataset)
     limit = int(config.get("eval_limit") or _DEFAULT_EVAL_LIMIT)
-    return data.subset("test", limit=limit, seed=int(config.get("seed", 0)))
+    return data.subset("test", limit=limit, seed=_sweep_seed(config))
+
+
+def _sweep_seed(config: dict[str, Any]) -> int:
+    """The seed of a sweep's test subset: its attack's seed (``SweepConfig.seed``)."""
+    return int(config.get("seed", (config.get("attack") or {}).get("seed", 0)))
 
 
 def _breakdowns(
@@ -260,6 +287,7 @@ def _breakdowns(
                     f"run {info['run_id']} of {registered} has no generator/generator.pt"
                 )
             generator, attack, _ = load_generator(path)
+            attack = attack.override(device="cpu")
             victim_uri = f"models:/{row['victim']}/{row.get('victim_version') or 'latest'}"
             victim = load_victim(victim_uri)
             if row["dataset"] not in samples:
@@ -267,7 +295,7 @@ def _breakdowns(
             sample = samples[row["dataset"]]
             result = compute_breakdown(
                 victim, generator, attack, sample.images, sample.labels,
-                grid_images=images, sample_seed=int(config.get("seed", 0)), class_names=sample.class_names,
+                grid_images=images, sample_seed=_sweep_seed(config), class_names=sample.class_names,
                 provenance={
                     "model": row["model"], "dataset": row["dataset"],
                     "victim": f"{row['victim']}/{row.get('victim_version') or 'latest'}",
@@ -276,8 +304,9 @@ def _breakdowns(
                     "seed": int(attack.seed),
                 },
             )  # fmt: skip
+            result.selection, result.seeds = str(row.get("selection") or ""), str(row.get("seeds") or "")
             out.append(result)
-        except (MlflowException, DatasetError, OSError, ValueError, RuntimeError, KeyError) as err:
+        except (MlflowException, DatasetError, OSError, ValueError, RuntimeError, KeyError, UnpicklingError) as err:
             # One target that cannot be recomputed (data absent here, model deleted) must not stop the report.
             log.warning("no breakdown for %s: %s", key, err)
             errors.append(f"{key}: {err}")
@@ -285,19 +314,21 @@ def _breakdowns(
 
 
 # ------------------------------------------------------------------ the whole report
-def _commands(tables: SweepTables | None, dataset: str | None) -> dict[str, str]:
-    """The commands of the missing sections, with the sweep's victims and registered generators filled in."""
-    if tables is None or not tables.table1:
-        return default_commands(dataset or "<dataset>")
-    rows = [r for r in tables.table1 if dataset is None or r.get("dataset") == dataset]
-    victims = list(dict.fromkeys(str(r["model"]) for r in rows))
-    generators: dict[str, str] = {}
-    # The headline radius (eps 0.1 where the sweep has it) names each victim's generator.
-    for row in sorted(rows, key=lambda r: abs(float(r.get("eps") or 0.0) - 0.1)):
-        registered = row.get("generator") or tables.generators.get(f"{row['model']}-{dataset}")
-        if registered and isinstance(registered, str):
-            generators.setdefault(str(row["model"]), registered)
-    return default_commands(dataset or "<dataset>", victims, generators)
+def _generator_runs(tables: SweepTables) -> None:
+    """Each Table 1 row's ``generator_run_id``: the seed run that trained and registered its generator."""
+    runs: dict[str, str | None] = {}
+    for row in tables.table1:
+        registered = row.get("generator")
+        if not isinstance(registered, str) or not registered:
+            continue
+        if registered not in runs:
+            name, _, version = registered.partition("/")
+            try:
+                runs[registered] = registered_generator_info(name, version or None)["run_id"]
+            except (MlflowException, ValueError) as err:
+                log.warning("generator %s of the sweep is not in the registry: %s", registered, err)
+                runs[registered] = None
+        row["generator_run_id"] = runs[registered]
 
 
 def gather_report(
@@ -307,49 +338,61 @@ def gather_report(
     breakdown: bool = True,
     tracking_uri: str | None = None,
     work_dir: str | Path | None = None,
+    parent_run_id: str | None = None,
 ) -> ReportData:
-    """Everything the report shows for sweep ``sweep`` (default: the newest) and ``dataset``
-    (default: the sweep's first target's, else that of the newest analysis run).
+    """Everything the report of ONE sweep shows: the parent run ``parent_run_id``, else that of
+    sweep ``sweep``, else the newest sweep's; rows and analysis items of ``dataset`` only when given.
 
-    A store without sweeps still gives a report (its analyses, the rest marked not run);
-    ``sweep`` named but absent raises :class:`SweepNotFound`. ``breakdown`` False skips
-    recomputing confusion matrices and the image grid (which loads models and data).
-    ``work_dir`` holds downloaded artifacts (a temporary folder when None; figures are
-    copied out of it by the writer, so it may be removed after ``write_report``).
+    The analyses are the newest child run of each kind under that parent (never analysis runs
+    of other sweeps); which ones the sweep asked for is its parent's ``analyses.requested``
+    tag. When the sweep ran no breakdown analysis, ``breakdown`` True recomputes confusion
+    matrices and the image grid here from its registered generators (False: that section says
+    how to request it). A store without sweeps gives a report of placeholders;
+    ``sweep``/``parent_run_id`` named but absent raise :class:`SweepNotFound`. ``work_dir``
+    holds downloaded artifacts (a temporary folder when None; figures are copied out of it by
+    the writer, so it may be removed after ``write_report``).
     """
     uri = configure(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
     tables: SweepTables | None = None
     config: dict[str, Any] = {}
     try:
-        tables, config = read_sweep(client, find_sweep(client, sweep), dataset)
+        if parent_run_id is not None:
+            try:
+                parent = client.get_run(parent_run_id)
+            except MlflowException as err:
+                raise SweepNotFound(f"no sweep parent run {parent_run_id!r} in {uri}: {err}") from None
+        else:
+            parent = find_sweep(client, sweep)
+        tables, config = read_sweep(client, parent, dataset)
     except SweepNotFound:
-        if sweep is not None:
+        if sweep is not None or parent_run_id is not None:
             raise
-        log.warning("no sweep in %s: the report shows the analyses only", uri)
+        log.warning("no sweep in %s: the report shows placeholders", uri)
     if dataset is None and tables is not None and tables.table1:
-        dataset = str(tables.table1[0]["dataset"])
-    dataset = dataset or _newest_analysis_dataset(client)
-    dst = (
-        Path(work_dir)
-        if work_dir is not None
-        else Path(tempfile.mkdtemp(prefix="clusterattack-report-"))
-    )
+        dataset = str(tables.table1[0]["dataset"]) if len({r["dataset"] for r in tables.table1}) == 1 else None
+    dst = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="clusterattack-report-"))
     sweep_name = tables.name if tables is not None else (sweep or "<sweep>")
+    preset = (tables.tags.get("preset") if tables is not None else None) or "demo"
     data = ReportData(
         title=f"clusterattack report: {sweep_name}" + (f" on {dataset}" if dataset else ""),
         tracking_uri=uri,
         generated_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         dataset=dataset,
         sweep=tables,
-        analyses=read_analyses(client, dataset, dst / "analyses") if dataset else {},
-        commands=_commands(tables, dataset),
+        commands=default_commands(tables.name if tables is not None else None, preset),
     )
-    if tables is not None and breakdown:
-        data.breakdowns, data.breakdown_error = _breakdowns(
-            client, tables, config, images, dst / "generators"
-        )
-    elif tables is not None:
+    if tables is None:
+        return data
+    _generator_runs(tables)
+    requested = tables.tags.get(REQUESTED_TAG, "")
+    data.requested = tuple(k for k in requested.split(",") if k)
+    data.analyses = read_sweep_analyses(client, tables.parent_run_id, dst / "analyses", dataset)
+    if "breakdown" in data.analyses:
+        data.breakdowns = _stored_breakdowns(data.analyses["breakdown"])
+    elif breakdown:
+        data.breakdowns, data.breakdown_error = _breakdowns(client, tables, config, images, dst / "generators")
+    else:
         data.breakdown_error = "skipped (--no-breakdown)"
     return data
 

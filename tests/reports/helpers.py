@@ -128,6 +128,35 @@ def payloads(dataset: str = "tiny") -> dict[str, dict[str, Any]]:
             ],
             "fresh_attack": {"gradient_source": "whitebox", "eps": 0.1, "epochs": 2},
         },  # fmt: skip
+        "baselines": {
+            "dataset": dataset,
+            "victim": "cc",
+            "generator": f"generator-cc-{dataset}/1",
+            "eps": 0.1,
+            "norm": "linf",
+            "seed": 0,
+            "sample_images": 64,
+            "split_images": 400,
+            "generator_nmi_drop": 0.4,
+            "generator_image_queries": 2000,
+            "equal_total_queries_per_image": 5.0,
+            "best_baseline_equal_total": "square@5",
+            "baseline_nmi_drop_equal_total": 0.1,
+            "ratio_equal_total": 4.0,
+            "ratio_note": "best baseline spending at most 5.00 image-queries per image",
+            "payback_against": "square@100: the cheapest baseline run at least as strong as the generator",
+            "payback_images": 20,
+            "payback_images_with_search": 60,
+            "skipped": [{"method": "nes", "budget": 5, "min_queries": 22}],
+            "rows": [
+                {"method": "generator", "budget": None, "queries_per_image": 5.0, "total_image_queries": 2000,
+                 "nmi_post": 0.3, "nmi_drop": 0.4, "changed_fraction": 0.5, "linf_max": 0.1},
+                {"method": "square", "budget": 5, "queries_per_image": 4.5, "total_image_queries": 1800,
+                 "nmi_post": 0.45, "nmi_drop": 0.1, "changed_fraction": 0.2, "linf_max": 0.1},
+                {"method": "square", "budget": 100, "queries_per_image": 99.0, "total_image_queries": 39600,
+                 "nmi_post": 0.28, "nmi_drop": 0.45, "changed_fraction": 0.6, "linf_max": 0.1},
+            ],
+        },  # fmt: skip
     }
 
 
@@ -176,6 +205,7 @@ class PageReader(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.sections: dict[str, bool] = {}
+        self.states: dict[str, str] = {}
         self.images: list[str] = []
         self.cells: dict[str, list[dict[str, str]]] = {}
         self.text: list[str] = []
@@ -186,6 +216,7 @@ class PageReader(HTMLParser):
         a = {k: v or "" for k, v in attrs}
         if tag == "section":
             self.sections[a["id"]] = a.get("data-filled") == "true"
+            self.states[a["id"]] = a.get("data-state", "")
         elif tag == "img":
             self.images.append(a["src"])
         elif tag == "table":

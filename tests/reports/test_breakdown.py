@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from clusterattack.attacks import AttackConfig, Generator
 from clusterattack.metrics import clustering_scores
 from clusterattack.reports import ReportData, write_report
-from clusterattack.reports.breakdown import compute_breakdown, grid_indices
+from clusterattack.reports.breakdown import (
+    ARRAY_FIELDS,
+    breakdown_from_record,
+    breakdown_to_record,
+    compute_breakdown,
+    grid_indices,
+)
 from tests.reports.helpers import read_page
 
 
@@ -73,4 +82,16 @@ def test_breakdown_scores_tables_and_grid(tmp_path):
 
     page = read_page(write_report(ReportData("t", "u", "now", breakdowns=[b]), tmp_path))
     assert page.sections["confusion"] and page.sections["grid"]
-    assert {"figures/confusion_quad-tiny.png", "figures/grid_quad-tiny.png"} <= set(page.images)
+    # one figure pair per row: victim, data set, gradient source and eps name it
+    key = f"quad-tiny-{b.gradient_source}-eps0.1"
+    assert {f"figures/confusion_{key}.png", f"figures/grid_{key}.png"} <= set(page.images)
+
+    # what an analysis run stores (JSON fields and arrays) gives the same Breakdown back
+    fields, arrays = breakdown_to_record(b)
+    back = breakdown_from_record(json.loads(json.dumps(fields)), arrays)
+    assert fields["cluster_sizes_ordered_post"] == b.confusion_post.sum(0).tolist()
+    for name in ARRAY_FIELDS:
+        assert np.array_equal(getattr(back, name), getattr(b, name)), name
+    assert (back.scores, back.cluster_names, back.class_names) == (b.scores, b.cluster_names, b.class_names)
+    with pytest.raises(ValueError, match="lacks the arrays"):
+        breakdown_from_record(fields, {})

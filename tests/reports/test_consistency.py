@@ -1,4 +1,4 @@
-"""The report from a tiny MLflow store: the numbers on the page are the numbers in the runs, and the report is logged."""
+"""The report from a tiny MLflow store: the numbers on the page are the numbers in ONE sweep's runs, and it is logged."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ import pytest
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from clusterattack.tracking.analyses import log_analysis
+from clusterattack.tracking.analyses import (
+    REQUESTED_TAG,
+    finish_analysis_run,
+    log_analysis,
+    log_analysis_artifacts,
+    start_analysis_run,
+)
 from clusterattack.tracking.reports import (
     REPORT_EXPERIMENT,
     REPORT_TAG,
@@ -87,27 +93,45 @@ def _sweep(uri: str, name: str, tmp: Path, scale: float = 1.0) -> tuple[str, dic
     return parent, children
 
 
-def _analyses(tmp: Path) -> dict[str, str]:
+def _analyses(parent: str, tmp: Path, scale: float = 1.0) -> dict[str, str]:
+    """One child run per analysis under ``parent``, as ``analyses.suite`` writes them (one item each)."""
     ids = {}
     for kind, payload in payloads().items():
+        key = f"item-{kind}"
         files, figures = {}, {}
         if kind == "pca":
-            path = tmp / "pca_points.npz"
+            path = tmp / kind / "points.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(path, **pca_points())
-            files = {"analysis/pca_points.npz": path}
+            payload = {**payload, "points": f"pca/{key}/points.npz"}
+            files = {payload["points"]: path}
         if kind == "detection":
+            payload = {**payload, "detection_rate_mean": payload["detection_rate_mean"] * scale}
             fig = Figure(figsize=(2, 2))
             fig.add_subplot().hist([1, 2, 2, 3])
-            figures = {"scores": fig}
-        ids[kind] = log_analysis(kind, payload, dataset="tiny", gradient_source="whitebox", norm="linf", eps=0.1,
-                                 seed=0, files=files, figures=figures)  # fmt: skip
+            figures = {f"{key}__scores": fig}
+        provenance = {"victim": "victim-cc-tiny/1", "generator": "generator-cc-tiny/1", "generator_run_id": "g1",
+                      "selection": "label_free", "seeds": "1,2"}  # fmt: skip
+        run_id = start_analysis_run(parent, kind, {"sweep": "s", "seeds": "1,2"})
+        log_analysis_artifacts(
+            run_id, kind, {"kind": kind, "items": [{"key": key, "provenance": provenance, "payload": payload}],
+                           "failed": []},
+            figures=figures, files=files,
+        )  # fmt: skip
+        finish_analysis_run(run_id)
+        ids[kind] = run_id
+    SweepRecorder().set_tags(parent, {REQUESTED_TAG: ",".join(payloads())})
     return ids
 
 
 def test_report_numbers_equal_the_runs(mlflow_uri, tmp_path):
-    _sweep(mlflow_uri, "old-sweep", tmp_path, scale=0.5)
+    old_parent, _ = _sweep(mlflow_uri, "old-sweep", tmp_path, scale=0.5)
+    old_ids = _analyses(old_parent, tmp_path / "old", scale=0.5)
     parent, children = _sweep(mlflow_uri, "new-sweep", tmp_path)
-    analysis_ids = _analyses(tmp_path)
+    analysis_ids = _analyses(parent, tmp_path / "new")
+    # a stand-alone analysis of the same data set, newer than both sweeps: not this sweep's, not shown
+    stray = log_analysis("detection", payloads()["detection"], dataset="tiny", gradient_source="whitebox",
+                         norm="linf", eps=0.1, seed=0)  # fmt: skip
     out = tmp_path / "report"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -136,42 +160,44 @@ def test_report_numbers_equal_the_runs(mlflow_uri, tmp_path):
             assert cell(page, table, "calls", i) == run.data.metrics["calls"]
         assert cell(page, "table1", "eps", i) == float(run.data.tags["eps"])
 
-    # analyses: the newest run of each kind, its numbers and its id
+    # analyses: this sweep's child run of each kind, its numbers and its id; no other sweep's, no stray run
     assert all(page.sections[k] for k in analysis_ids), page.sections
     for kind, run_id in analysis_ids.items():
-        assert run_id in text, kind
+        assert run_id in text and old_ids[kind] not in text, kind
+    assert stray not in text
     p = payloads()
     for metric in ("nmi", "ari", "acc"):
         for i, _source in enumerate(p["transfer"]["sources"]):
             for j, target in enumerate(p["transfer"]["targets"]):
                 assert (
-                    cell(page, f"transfer-{metric}", target, i)
+                    cell(page, f"transfer-{metric}-item-transfer", target, i)
                     == p["transfer"]["post"][metric][i][j]
                 )
     for i, source in enumerate(p["transfer"]["sources"]):
-        assert cell(page, "transfer-generators", "train_eps", i) == p["transfer"]["train_eps"][source]
+        assert cell(page, "transfer-generators-item-transfer", "train_eps", i) == p["transfer"]["train_eps"][source]
         assert (
-            cell(page, "transfer-generators", "image_queries", i)
+            cell(page, "transfer-generators-item-transfer", "image_queries", i)
             == p["transfer"]["image_queries_by_source"][source]
         )
-    assert cell(page, "detection", "detection_rate_mean") == p["detection"]["detection_rate_mean"]
-    assert cell(page, "detection", "fpr_mean") == p["detection"]["fpr_mean"]
-    assert cell(page, "pca", "overlap") == p["pca"]["overlap"]
+    assert cell(page, "detection-item-detection", "detection_rate_mean") == p["detection"]["detection_rate_mean"]
+    assert cell(page, "detection-item-detection", "fpr_mean") == p["detection"]["fpr_mean"]
+    assert cell(page, "pca-item-pca", "overlap") == p["pca"]["overlap"]
     assert (
-        cell(page, "retraining", "nmi_old_generators", 1)
+        cell(page, "retraining-item-retraining", "nmi_old_generators", 1)
         == p["retraining"]["rows"][1]["nmi_old_generators"]
     )
     curve = sorted(p["norm_curves"]["rows"], key=lambda r: (r["victim"], r["eps"]))
     for i, row in enumerate(curve):
-        assert cell(page, "norm-curves", "nmi", i, "data-post") == row["nmi_post"]
-    assert (
-        "figures/detection_scores.png" in page.images
-    )  # the detection run's own figure, copied in
+        assert cell(page, "norm-curves-item-norm_curves", "nmi", i, "data-post") == row["nmi_post"]
+    assert cell(page, "baselines-summary-item-baselines", "ratio_equal_total") == p["baselines"]["ratio_equal_total"]
+    assert cell(page, "baselines-summary-item-baselines", "payback_images") == p["baselines"]["payback_images"]
+    # the detection run's own figure, copied in
+    assert "figures/detection_scores-item-detection.png" in page.images
     for src in page.images:
         assert (out / src).is_file(), src
 
-    # no generator was registered: those sections say so rather than failing
-    assert page.sections["confusion"] is False and "registered no generator" in text
+    # no generator was registered and no breakdown requested: those sections say so rather than failing
+    assert page.states["confusion"] == "not_requested" and "registered no generator" in text
 
     # logged: a run in "reports" holding the folder, and the sweep points at it
     exp = client.get_experiment_by_name(REPORT_EXPERIMENT)
@@ -190,13 +216,10 @@ def test_named_sweep_and_missing_sweep(mlflow_uri, tmp_path):
     data = gather_report("old-sweep", breakdown=False, work_dir=tmp_path / "work")
     assert data.sweep.parent_run_id == old_parent
     assert data.sweep.table1[0]["nmi_pre"] == pytest.approx(0.5 * 0.61)
-    assert data.analyses == {} and data.dataset == "tiny"
-    # the missing sections name commands over the sweep's own victims
-    assert (
-        "python jobs/transfer.py matrix --dataset tiny --victims cc scan"
-        in data.commands["transfer"]
-    )
-    assert "--victim cc --generator generator-cc-tiny" in data.commands["detection"]
+    assert data.analyses == {} and data.dataset == "tiny" and data.requested == ()
+    # the missing sections name the commands that run them on this sweep's generators
+    assert "python jobs/report.py --sweep old-sweep --run-analyses transfer" in data.commands["transfer"]
+    assert data.commands["detection"].startswith("python jobs/report.py --sweep old-sweep --run-analyses detection")
     with pytest.raises(SweepNotFound, match="no-such-sweep.*old-sweep"):
         gather_report("no-such-sweep", breakdown=False, work_dir=tmp_path / "work")
     printed = io.StringIO()

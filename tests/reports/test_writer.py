@@ -8,10 +8,17 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from clusterattack.reports import ANALYSIS_KINDS, AnalysisResult, ReportData, write_report
+from clusterattack.reports import (
+    ANALYSIS_KINDS,
+    AnalysisResult,
+    ReportData,
+    SweepTables,
+    default_commands,
+    write_report,
+)
 from clusterattack.reports.breakdown import grid_indices, ordered_confusions
 from clusterattack.reports.html import Column, esc, figure_html, fmt, table_html
-from tests.reports.helpers import EVIL, cell, full_data, payloads, read_page
+from tests.reports.helpers import EVIL, cell, full_data, payloads, pca_points, read_page, table_rows
 
 SECTIONS = ("table1", "table2", "confusion", "grid", *ANALYSIS_KINDS)
 
@@ -52,8 +59,8 @@ def test_full_report_has_every_section_filled_and_every_image(tmp_path):
     page = read_page(index)
     assert page.sections == {s: True for s in SECTIONS}
     assert page.scripts == 0, "the page must run no script (and load none)"
-    # confusion, grid, norm curves, 3 transfer heat maps, PCA, the detection run's own figure
-    assert len(page.images) == 8 and "figures/detection_scores.png" in page.images
+    # confusion, grid, norm curves, 3 transfer heat maps, PCA, the detection run's own figure, baselines
+    assert len(page.images) == 9 and "figures/detection_scores.png" in page.images
     for src in page.images:
         assert not src.startswith(("/", "http")) and (index.parent / src).is_file(), src
         assert (index.parent / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -69,19 +76,86 @@ def test_full_report_has_every_section_filled_and_every_image(tmp_path):
     assert cell(page, "table1", "image_queries", 1) == 5256
 
 
-def test_missing_inputs_show_the_command(tmp_path):
+def test_without_a_sweep_every_section_names_the_sweep_command(tmp_path):
     data = ReportData(
         title="empty", tracking_uri="sqlite:///x.db", generated_at="now", dataset="tiny"
     )
-    data.commands["transfer"] = f"python jobs/transfer.py --x {EVIL}"
     index = write_report(data, tmp_path)
     page = read_page(index)
     assert page.sections == {s: False for s in SECTIONS}
+    assert set(page.states.values()) == {"missing"}
     assert page.images == []
     raw = index.read_text()
     assert raw.count("not run yet") >= len(SECTIONS)
-    assert "python jobs/sweep.py --preset demo" in raw
-    assert f"python jobs/transfer.py --x {esc(EVIL)}" in raw
+    assert raw.count("python jobs/sweep.py --preset demo --analyses all") >= len(SECTIONS)
+
+
+def test_sweep_sections_say_not_requested_failed_or_never_started(tmp_path):
+    """Of a sweep: an analysis it did not ask for names the command that asks; a failed one shows
+    what it computed and says what failed; a requested one without a run says it never started."""
+    t1, t2 = table_rows()
+    detection = payloads()["detection"]
+    failed = AnalysisResult(
+        "detection", "run-failed", {"items": [], "failed": [{"key": "scan-tiny-surrogate-eps0.1", "error": EVIL}]},
+        status="FAILED", error=f"1 item(s) failed: {EVIL}", tags={"clusterattack.git_commit": "c" * 40,
+                                                                   "clusterattack.git_dirty": "false"},
+    )  # fmt: skip
+    failed.items = [AnalysisResult("detection", "run-failed", detection, label="cc-tiny-surrogate-eps0.1",
+                                   provenance={"victim": "victim-cc-tiny/1", "generator": "generator-cc-tiny/1",
+                                               "generator_run_id": "gen-run-1", "selection": "label_free",
+                                               "seeds": "1,2"},
+                                   tags=failed.tags)]  # fmt: skip
+    data = ReportData(
+        title="t", tracking_uri="u", generated_at="now", dataset="tiny",
+        sweep=SweepTables("sw", "parent0", t1, t2, {}, {"status": "completed"}),
+        analyses={"detection": failed}, requested=("detection", "pca"),
+        commands=default_commands("sw", "tiny"),
+    )  # fmt: skip
+    data.commands["norm_curves"] = f"python jobs/report.py --run-analyses norm_curves {EVIL}"
+    index = write_report(data, tmp_path)
+    page = read_page(index)
+    raw = index.read_text()
+    assert page.states["detection"] == "failed" and page.sections["detection"] is False
+    # what the failed run did compute is shown, with its provenance, beside what failed and why
+    assert cell(page, "detection-cc-tiny-surrogate-eps0.1", "detection_rate_mean") == detection["detection_rate_mean"]
+    text = " ".join(page.text)
+    for shown in ("run-failed", "scan-tiny-surrogate-eps0.1", EVIL, "victim-cc-tiny/1", "gen-run-1", "c" * 12,
+                  "label_free", "1,2"):  # fmt: skip
+        assert shown in text, shown
+    assert "<script>alert" not in raw
+    assert page.states["pca"] == "missing" and "never started" in raw
+    assert page.states["norm_curves"] == "not_requested"
+    assert f"python jobs/report.py --run-analyses norm_curves {esc(EVIL)}" in raw
+    assert page.states["transfer"] == "not_requested"
+    assert "python jobs/report.py --sweep sw --run-analyses transfer" in raw
+    assert "python jobs/sweep.py --preset tiny --analyses transfer" in raw
+    assert page.states["table1"] == "filled"
+    assert json.loads((tmp_path / "report.json").read_text())["analyses"]["detection"]["status"] == "FAILED"
+
+
+def test_items_of_an_analysis_each_name_their_provenance(tmp_path):
+    """A sweep's analysis run holds items (one per row): each gets its own block, table and figure."""
+    t1, t2 = table_rows()
+    tags = {"clusterattack.git_commit": "d" * 40, "clusterattack.git_dirty": "true", "clusterattack.git_diff": "abc"}
+    run = AnalysisResult("pca", "run-pca", {"items": [{}, {}]}, tags=tags)
+    for i, key in enumerate(("cc-tiny-surrogate-eps0.1", "cc-tiny-surrogate-eps0.2")):
+        item = AnalysisResult("pca", "run-pca", {**payloads()["pca"], "overlap": 0.5 + i / 10}, label=key, tags=tags,
+                              provenance={"victim": "victim-cc-tiny/3", "generator": f"generator-cc-tiny/{i + 1}",
+                                          "generator_run_id": f"gen{i}", "selection": "oracle", "seeds": "4,5"})  # fmt: skip
+        item.arrays = pca_points(i)
+        run.items.append(item)
+    data = ReportData(
+        title="t", tracking_uri="u", generated_at="now", dataset="tiny",
+        sweep=SweepTables("sw", "parent0", t1, t2, {}, {}), analyses={"pca": run}, requested=("pca",),
+    )  # fmt: skip
+    page = read_page(write_report(data, tmp_path))
+    assert page.states["pca"] == "filled"
+    assert cell(page, "pca-cc-tiny-surrogate-eps0.1", "overlap") == 0.5
+    assert cell(page, "pca-cc-tiny-surrogate-eps0.2", "overlap") == pytest.approx(0.6)
+    assert {"figures/pca-cc-tiny-surrogate-eps0.1.png", "figures/pca-cc-tiny-surrogate-eps0.2.png"} <= set(page.images)
+    text = " ".join(page.text)
+    for shown in ("victim-cc-tiny/3", "generator-cc-tiny/2 (run gen1)", "d" * 12 + " (dirty, diff abc)", "oracle", "4,5"):
+        assert shown in text, shown
 
 
 def test_malformed_payload_is_reported_not_raised(tmp_path):

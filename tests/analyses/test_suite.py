@@ -1,0 +1,273 @@
+"""A tiny sweep's analyses end to end: each a child run of the sweep, the report from that one parent run.
+
+One tiny sweep (8x8 digits, one CC victim, eps 0.1 and 0.2, 2 seeds) is run in this process;
+``run_sweep_analyses`` then runs all seven analyses on its registered generators as Ray
+tasks. A second parent run holds the same rows with the eps 0.2 generator swapped for a
+registered version whose file cannot load: the analysis that needs it fails (and says
+which row and why), the one that does not finishes, and the report stands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import free_port
+from tests.reports.helpers import cell, read_page
+
+pytestmark = pytest.mark.slow
+
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "report.py"
+ALL = ("breakdown", "norm_curves", "transfer", "detection", "pca", "retraining", "baselines")
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("report_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def swept(ray_session, tmp_path_factory):
+    from clusterattack.tuning.config import SweepConfig
+    from clusterattack.tuning.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("suite")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", uri)
+        mp.setenv("CLUSTERATTACK_ARTIFACT_ROOT", str(tmp / "mlartifacts"))
+        config = SweepConfig.preset(
+            "tiny", experiment="analysed", storage=str(tmp / "sweeps"), data_dir=str(tmp / "data"),
+            serve_port=free_port(),
+        )  # fmt: skip
+        outcome = run_sweep(config)
+        yield tmp, config, outcome
+
+
+def _request(config, outcome, **changes):
+    from clusterattack.analyses.suite import SweepAnalysisRequest
+    from clusterattack.tuning.targets import data_uri
+
+    fields = {
+        "sweep": config.experiment, "parent_run_id": outcome.parent_run_id, "tracking_uri": outcome.tracking_uri,
+        "rows": outcome.table1, "table2": outcome.table2, "data_uris": {"digits": data_uri(config, "digits")},
+        "eval_limit": config.eval_limit, "seed": config.seed, "analyses": "all", "preset": config.preset_name,
+        "cpus_per_task": config.cpus_per_trial,
+    }  # fmt: skip
+    return SweepAnalysisRequest(**{**fields, **changes})
+
+
+@pytest.fixture(scope="module")
+def analysed(swept):
+    from clusterattack.analyses.suite import run_sweep_analyses
+
+    tmp, config, outcome = swept
+    state: dict = {}
+    saved: list[str] = []
+    request = _request(config, outcome, state=state, persist=lambda: saved.append(json.dumps(state)))
+    statuses = run_sweep_analyses(request)
+    return tmp, config, outcome, request, statuses, saved
+
+
+def _children(client: MlflowClient, parent: str) -> dict[str, list]:
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}' and tags.phase = 'analysis'")
+    out: dict[str, list] = {}
+    for run in runs:
+        out.setdefault(run.data.tags["analysis"], []).append(run)
+    return out
+
+
+def _payload(client: MlflowClient, run, tmp: Path) -> dict:
+    name = run.data.tags["analysis"]
+    return json.loads(Path(client.download_artifacts(run.info.run_id, f"analysis/{name}.json", str(tmp))).read_text())
+
+
+def test_every_analysis_is_a_finished_child_run_of_the_sweep(analysed, tmp_path):
+    from clusterattack.analyses.suite import request_from_sweep, run_sweep_analyses
+    from clusterattack.data import read_parquet_dataset
+    from clusterattack.tracking.analyses import registered_generator_info
+
+    tmp, config, outcome, request, statuses, saved = analysed
+    assert {k: s.status for k, s in statuses.items()} == dict.fromkeys(ALL, "FINISHED"), statuses
+    client = MlflowClient(outcome.tracking_uri)
+    children = _children(client, outcome.parent_run_id)
+    assert sorted(children) == sorted(ALL) and all(len(v) == 1 for v in children.values())
+    rows = {r["eps"]: r for r in outcome.table1}
+    assert sorted(rows) == [0.1, 0.2]
+    version = rows[0.1]["victim_version"]
+    for name, (run,) in children.items():
+        tags = run.data.tags
+        assert run.info.status == "FINISHED" and run.info.run_id == statuses[name].run_id
+        assert (tags["analysis"], tags["sweep"], tags["phase"]) == (name, "analysed", "analysis")
+        assert tags["victim_version"] == f"victim-cc-digits/{version}"
+        assert tags["generator"] == f"{rows[0.1]['generator']},{rows[0.2]['generator']}"
+        assert tags["seeds"] == "1,2" and tags["selection"] == "label_free"
+        assert tags["clusterattack.git_commit"] == os.environ["CLUSTERATTACK_TEST_HEAD"]
+        assert "error" not in tags
+    payloads = {name: _payload(client, runs[0], tmp_path / name) for name, runs in children.items()}
+    items = {name: {i["key"]: i for i in p["items"]} for name, p in payloads.items()}
+    assert {name: len(v) for name, v in items.items()} == {
+        "breakdown": 2, "norm_curves": 1, "transfer": 2, "detection": 2, "pca": 2, "retraining": 1, "baselines": 1,
+    }  # fmt: skip
+    assert all(p["failed"] == [] for p in payloads.values())
+    keys = ("cc-digits-surrogate-eps0.1", "cc-digits-surrogate-eps0.2")
+    assert set(items["breakdown"]) == set(items["detection"]) == set(items["pca"]) == set(keys)
+
+    # the sweep's own victim and test subset: the clean scores are Table 1's, to the digit
+    for eps, key in zip((0.1, 0.2), keys, strict=True):
+        b = items["breakdown"][key]
+        assert b["provenance"]["generator"] == rows[eps]["generator"] and b["provenance"]["seeds"] == "1,2"
+        assert b["payload"]["scores"]["nmi_pre"] == pytest.approx(rows[eps]["nmi_pre"], abs=1e-9)
+        assert b["payload"]["n_images"] == config.eval_limit
+        assert sum(b["payload"]["cluster_sizes_ordered_post"]) == config.eval_limit
+        transfer = items["transfer"][f"digits-surrogate-eps{eps:g}"]["payload"]
+        assert transfer["pre"]["cc"]["nmi"] == pytest.approx(rows[eps]["nmi_pre"], abs=1e-9)
+        assert transfer["generators"] == {"cc": rows[eps]["generator"]}
+        detection = items["detection"][key]["payload"]
+        assert (detection["images"], detection["trials"], detection["fit_images"]) == (200, 20, 800)
+        assert detection["linf_max"] <= eps + 1e-6
+    # norm curves: the sweep's eps grid, black-box and the white-box reference, each within its bound
+    curve = items["norm_curves"]["digits-surrogate"]["payload"]
+    assert sorted((r["gradient_source"], r["eps"]) for r in curve["rows"]) == [
+        ("surrogate", 0.1), ("surrogate", 0.2), ("whitebox", 0.1), ("whitebox", 0.2)]  # fmt: skip
+    assert all(r["linf_max"] <= r["eps"] + 1e-6 for r in curve["rows"])
+    assert curve["chosen"]["cc"]["0.2"]["alpha_a"] == pytest.approx(rows[0.2]["alpha_a"], rel=1e-6)
+    # retraining: both of the victim's generators, the fresh attack from the headline row
+    retraining = items["retraining"]["cc-digits"]["payload"]
+    assert retraining["generators"] == [rows[0.1]["generator"], rows[0.2]["generator"]]
+    assert [r["model"] for r in retraining["rows"]] == ["original", "retrained"]
+    # baselines at equal total queries over the whole test split (Appendix E)
+    base = items["baselines"][keys[0]]["payload"]
+    name, _, v = rows[0.1]["generator"].partition("/")
+    spent = int(registered_generator_info(name, v)["metrics"]["image_queries"])
+    split = int((read_parquet_dataset(request.data_uris[0][1]).split == "test").sum())
+    assert (base["generator_image_queries"], base["split_images"]) == (spent, split)
+    assert base["equal_total_budget"] == spent // split and base["sample_images"] == 64
+    runs = [r for r in base["rows"] if r["method"] != "generator"]
+    assert {r["method"] for r in runs} <= {"nes", "spsa", "square"} and runs
+    against = next(r for r in runs if base["payback_against"].startswith(f"{r['method']}@{r['budget']}:"))
+    assert base["payback_images"] == math.ceil(spent / against["queries_per_image"])
+    search = next(r for r in outcome.table2 if r["eps"] == 0.1)["search_image_queries"]
+    assert base["payback_images_with_search"] == math.ceil((spent + search) / against["queries_per_image"])
+    assert all(r["queries_per_image"] <= r["budget"] for r in runs)
+
+    # the state the sweep persists: every change saved, and a second call redoes nothing
+    assert len(saved) >= 1 + len(ALL)
+    last = json.loads(saved[-1])["analyses"]
+    assert {k: v["status"] for k, v in last.items()} == dict.fromkeys(ALL, "FINISHED")
+    again = run_sweep_analyses(_request(config, outcome, state=json.loads(saved[-1])))
+    assert {k: s.status for k, s in again.items()} == dict.fromkeys(ALL, "SKIPPED")
+    assert {k: s.run_id for k, s in again.items()} == {k: s.run_id for k, s in statuses.items()}
+    assert all(len(v) == 1 for v in _children(client, outcome.parent_run_id).values())
+    # the request read back from the finished sweep's parent run names the same rows and subset
+    back = request_from_sweep(outcome.parent_run_id, "pca")
+    assert (back.sweep, back.eval_limit, back.seed, back.data_uris, back.analyses) == (
+        "analysed", request.eval_limit, request.seed, request.data_uris, ("pca",))  # fmt: skip
+    assert [(r["generator"], r["victim_version"]) for r in back.rows] == [
+        (r["generator"], r["victim_version"]) for r in request.rows]  # fmt: skip
+
+
+def test_report_of_the_parent_run_has_every_section_filled(analysed, tmp_path):
+    from tests.reports.test_browser import open_in_chromium
+
+    _, _, outcome, _, statuses, _ = analysed
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert _job().main(["--parent-run", outcome.parent_run_id, "--out", str(tmp_path / "report")]) == 0
+    index = Path(printed.getvalue().strip())
+    page = read_page(index)
+    assert page.states == dict.fromkeys(page.states, "filled") and len(page.states) == 10, page.states
+    raw, text = index.read_text(), " ".join(page.text)
+    assert 'class="missing"' not in raw and 'class="failed"' not in raw
+    assert "not run yet" not in text and "not requested" not in text and "could not be shown" not in text
+    for status in statuses.values():
+        assert status.run_id in text, status.name
+    head = os.environ["CLUSTERATTACK_TEST_HEAD"][:12]
+    generators = [r["generator"] for r in outcome.table1]
+    for shown in (head, *generators, "label_free", "1,2", "victim-cc-digits/"):
+        assert shown in text, shown
+    # every table and figure block names its generator run and the code
+    assert text.count(head) >= 1 + 2 + 1 + 2 + 2 + 2 + 1 + 1
+    assert cell(page, "detection-cc-digits-surrogate-eps0.2", "trials") == 20
+    # the report run is logged and the sweep points at it
+    client = MlflowClient(outcome.tracking_uri)
+    report_run = client.get_run(client.get_run(outcome.parent_run_id).data.tags["report.run_id"])
+    assert report_run.data.tags["analysis.baselines"] == statuses["baselines"].run_id
+    seen = open_in_chromium(index, 1280, screenshot=tmp_path / "report.png")
+    assert seen["images"] and all(ok for _, ok in seen["images"]), seen["images"]
+    assert seen["severe"] == [] and seen["overflow"] == [], (seen["severe"], seen["overflow"])
+    assert seen["page_width"] <= seen["window_width"]
+
+
+def _unloadable_generator(client: MlflowClient, tmp: Path) -> str:
+    """A registered version of generator-cc-digits whose generator.pt is not a generator file."""
+    exp = client.get_experiment_by_name("sweeps").experiment_id
+    run = client.create_run(exp, tags={"trial_id": "broken"}, run_name="broken-generator")
+    bad = tmp / "generator" / "generator.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a generator at all")
+    client.log_artifact(run.info.run_id, str(bad), artifact_path="generator")
+    client.set_terminated(run.info.run_id)
+    version = client.create_model_version(
+        "generator-cc-digits", f"runs:/{run.info.run_id}/generator", run_id=run.info.run_id
+    )
+    return f"generator-cc-digits/{version.version}"
+
+
+def test_a_failing_analysis_leaves_the_others_and_the_report_standing(swept, tmp_path):
+    from clusterattack.analyses.suite import run_sweep_analyses
+    from clusterattack.reports import write_report
+    from clusterattack.tracking.reports import gather_report
+    from clusterattack.tracking.sweeps import SweepRecorder
+    from clusterattack.tuning.summary import TABLE1, TABLE2
+
+    _, config, outcome = swept
+    client = MlflowClient(outcome.tracking_uri)
+    broken = _unloadable_generator(client, tmp_path)
+    rows = [dict(r, generator=broken) if r["eps"] == 0.2 else dict(r) for r in outcome.table1]
+    recorder = SweepRecorder(outcome.tracking_uri)
+    parent = recorder.start_parent("broken", config.to_dict(), {"sweep": "broken", "preset": "tiny"})
+    recorder.log_table(parent, rows, TABLE1, tmp_path / "tables")
+    recorder.log_table(parent, outcome.table2, TABLE2, tmp_path / "tables")
+    recorder.write_json(parent, config.to_dict(), "sweep_config.json")
+    recorder.end_run(parent)
+
+    statuses = run_sweep_analyses(
+        _request(config, outcome, sweep="broken", parent_run_id=parent, rows=rows, analyses="pca,baselines")
+    )
+    # pca needs both generators: the eps 0.2 one fails, the eps 0.1 one is computed and kept
+    assert statuses["pca"].status == "FAILED" and statuses["pca"].items == 1
+    assert statuses["pca"].failed_items == ("cc-digits-surrogate-eps0.2",)
+    assert "cc-digits-surrogate-eps0.2" in statuses["pca"].error
+    # baselines use the headline row (eps 0.1) only, and go on
+    assert statuses["baselines"].status == "FINISHED", statuses["baselines"]
+    children = _children(client, parent)
+    (pca_run,), (base_run,) = children["pca"], children["baselines"]
+    assert pca_run.info.status == "FAILED" and pca_run.data.tags["error"] == statuses["pca"].error
+    assert base_run.info.status == "FINISHED" and "error" not in base_run.data.tags
+    failed = _payload(client, pca_run, tmp_path / "pca")["failed"]
+    assert [f["key"] for f in failed] == ["cc-digits-surrogate-eps0.2"]
+
+    data = gather_report(parent_run_id=parent, work_dir=tmp_path / "work")
+    assert data.requested == ("pca", "baselines")
+    index = write_report(data, tmp_path / "report")
+    page = read_page(index)
+    assert page.states["pca"] == "failed" and page.states["baselines"] == "filled"
+    assert cell(page, "pca-cc-digits-surrogate-eps0.1", "points") == config.eval_limit
+    text = " ".join(page.text)
+    assert statuses["pca"].error in text and pca_run.info.run_id in text
+    for kind in ("norm_curves", "transfer", "detection", "retraining"):
+        assert page.states[kind] == "not_requested", kind
+        assert f"python jobs/report.py --sweep broken --run-analyses {kind}" in text
