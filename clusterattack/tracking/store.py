@@ -29,6 +29,12 @@ DEFAULT_TRACKING_URI = f"sqlite:///{STORE_DIR}/mlflow.db"
 UI_COMMAND = f"mlflow ui --backend-store-uri {DEFAULT_TRACKING_URI}"
 ARTIFACT_ROOT_ENV = "CLUSTERATTACK_ARTIFACT_ROOT"
 _PARAM_LIMIT = 6000  # MLflow rejects longer parameter values
+#: Experiment tag by which the MLflow 3 UI picks an experiment's view ("GenAI apps & agents" or
+#: "Machine learning"), and the value of the model-training one. The UI's own experiment-type
+#: selector writes it (mlflow/server/js: setExperimentTag key "mlflow.experimentKind"); MLflow's
+#: demo sets "genai_development" the same way (mlflow/demo/generators/traces.py).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 
 def default_tracking_uri(base_dir: str | Path | None = None) -> str:
@@ -89,21 +95,49 @@ def ensure_experiment(name: str) -> str:
     """Id of experiment ``name``, created (with the local artifact root) when missing.
 
     Two processes that start side by side may both find it missing; the one whose create
-    loses the race reads the winner's experiment instead of failing.
+    loses the race reads the winner's experiment instead of failing. The experiment is
+    marked a model-training one (:func:`mark_training_experiment`), new or not, so the MLflow
+    UI opens it on its runs, not on the GenAI overview.
     """
     configure()
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    root = artifact_root()
-    location = f"{root.rstrip('/')}/{name}" if root else None
-    try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except MlflowException:
-        exp = mlflow.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        root = artifact_root()
+        location = f"{root.rstrip('/')}/{name}" if root else None
+        try:
+            experiment_id = mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                raise
+        else:
+            mark_training_experiment(experiment_id)
+            return experiment_id
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:
+        mark_training_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def mark_training_experiment(experiment_id: str) -> None:
+    """Tag experiment ``experiment_id`` as model training (``mlflow.experimentKind``), whatever it said before.
+
+    Every experiment of this project holds training runs (victims, attacks, sweeps,
+    analyses); the UI infers "GenAI" for an untagged one and opens it on traces.
+    """
+    MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    log.debug("experiment %s marked %s=%s", experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+
+
+def mark_training_experiments() -> list[str]:
+    """Mark every active experiment of the configured store but MLflow's ``Default`` as model
+    training; returns their names (for a store written before experiments were marked)."""
+    configure()
+    marked = []
+    for exp in MlflowClient().search_experiments():
+        if exp.name != "Default" and exp.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:
+            mark_training_experiment(exp.experiment_id)
+            marked.append(exp.name)
+    return marked
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -141,6 +175,22 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
 
 def log_dict(values: Mapping[str, Any], artifact_file: str) -> None:
     mlflow.log_dict(dict(values), artifact_file)
+
+
+def log_datasets(source: Any, uses: Any, run_id: str | None = None) -> None:
+    """Link splits of a data set to a run as its inputs (the active run when ``run_id`` is None).
+
+    ``source`` is a Parquet URI or an in-memory ``ImageDataset``; ``uses`` are
+    :class:`clusterattack.tracking.datasets.DatasetUse` (split, context, images used).
+    """
+    from clusterattack.tracking.datasets import dataset_inputs, log_dataset_inputs
+
+    if run_id is None:
+        active = mlflow.active_run()
+        if active is None:
+            raise RuntimeError("log_datasets needs run_id or an active MLflow run (tracking.start_run)")
+        run_id = active.info.run_id
+    log_dataset_inputs(MlflowClient(), run_id, dataset_inputs(source, list(uses)))
 
 
 SOURCE_COMMIT_TAG = "clusterattack.git_commit"
