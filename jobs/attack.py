@@ -242,11 +242,12 @@ def _main(argv: list[str] | None = None) -> int:
 
     live = None
     if not args.no_mlflow:
-        from clusterattack.tracking.attacks import LiveAttackRun
+        from clusterattack.tracking.attacks import LiveAttackRun, attack_data_uses
 
         live = LiveAttackRun(
             victim_name, args.dataset, config, experiment=args.experiment,
             run_id=None if resume is None else resume.get("mlflow_run_id"),
+            data=data, data_uses=attack_data_uses(len(test), args.seed),
         )
 
     def on_epoch_end(result, state: dict[str, Any]) -> bool:

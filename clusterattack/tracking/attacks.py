@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
+from clusterattack.tracking.datasets import EVALUATION, TRAINING, DatasetUse
+from clusterattack.tracking.models import log_torch_model
 from clusterattack.tracking.store import (
     configure,
     ensure_experiment,
+    log_datasets,
     log_metrics,
     log_params,
     source_tags,
@@ -23,8 +28,10 @@ __all__ = [
     "ATTACK_EXPERIMENT",
     "GENERATOR_ARTIFACT",
     "LiveAttackRun",
+    "attack_data_uses",
     "attack_run_name",
     "download_generator",
+    "generator_model_name",
     "log_attack_report",
 ]
 
@@ -32,6 +39,22 @@ log = logging.getLogger(__name__)
 
 ATTACK_EXPERIMENT = "attacks"
 GENERATOR_ARTIFACT = "generator/generator.pt"
+_MODEL_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def generator_model_name(victim: str, dataset: str) -> str:
+    """Name of an attack run's logged generator model: ``generator-<victim>-<dataset>`` (other
+    characters than letters, digits, ``_ . -`` become ``_``: a victim may be a file or a URL)."""
+    return _MODEL_NAME_BAD.sub("_", f"generator-{victim}-{dataset}")[:200]
+
+
+def attack_data_uses(eval_images: int | None = None, subset_seed: int | None = None) -> list[DatasetUse]:
+    """What an attack run does with its data set: the training split is the attacker's pool
+    (``training``, no label read), ``eval_images`` of the test split score it (``evaluation``)."""
+    return [
+        DatasetUse("train", TRAINING),
+        DatasetUse("test", EVALUATION, eval_images, subset_seed if eval_images is not None else None),
+    ]
 
 
 def attack_run_name(victim: str, config: Any) -> str:
@@ -85,17 +108,26 @@ def attack_run_name(victim: str, config: Any) -> str:
     return "-".join(parts)
 
 
-def log_attack_report(report: Any, experiment: str = ATTACK_EXPERIMENT, run_name: str | None = None) -> str:
+def log_attack_report(
+    report: Any,
+    experiment: str = ATTACK_EXPERIMENT,
+    run_name: str | None = None,
+    data: Any = None,
+    data_uses: list[DatasetUse] | None = None,
+) -> str:
     """Log an ``AttackReport`` (of ``run_attack``, say in a notebook) as one MLflow run; returns its id.
 
     Params: the full attack config (flat) plus victim and dataset. Metrics: query counts,
     convergence and every numeric evaluation entry, and the per-epoch history as steps.
     Tags: victim, dataset, gradient source, norm, eps, attack loss, seed and why training
     stopped, so runs filter by them. Artifacts: ``record.json`` (everything, cluster size
-    histograms included), the figures, and the generator file with its config.
+    histograms included), the figures, and the generator file with its config; the generator
+    is also the run's logged model. ``data`` (an ImageDataset or a Parquet URI) is listed as
+    the run's inputs (``data_uses``, default :func:`attack_data_uses`).
     """
     with LiveAttackRun(
-        report.victim, report.dataset, report.result.config, experiment=experiment, run_name=run_name
+        report.victim, report.dataset, report.result.config, experiment=experiment, run_name=run_name,
+        data=data, data_uses=data_uses,
     ) as live:
         for row in report.result.history:
             live.log_epoch(row)
@@ -111,6 +143,9 @@ class LiveAttackRun:
     ``stopped`` tag. Leaving the ``with`` block on an exception ends the run FAILED (KILLED
     on Ctrl-C) with the error in the tag ``error``, keeping every epoch already streamed.
     ``run_id`` reopens an earlier run, so a resumed attack goes on in its own run.
+    ``data`` (the ``ImageDataset`` the attack reads, or its Parquet URI) is listed as the run's
+    inputs, ``data_uses`` saying which splits in which role (default :func:`attack_data_uses`:
+    the pool as training, the test split as evaluation).
     """
 
     def __init__(
@@ -121,11 +156,15 @@ class LiveAttackRun:
         experiment: str = ATTACK_EXPERIMENT,
         run_id: str | None = None,
         run_name: str | None = None,
+        data: Any = None,
+        data_uses: list[DatasetUse] | None = None,
     ) -> None:
         self.victim, self.dataset, self.config = victim, dataset, config
         self.experiment = experiment
         self.run_id = run_id
         self.name = run_name or attack_run_name(victim, config)
+        self.data = data
+        self.data_uses = attack_data_uses() if data_uses is None else list(data_uses)
 
     def __enter__(self) -> LiveAttackRun:
         configure()
@@ -155,6 +194,8 @@ class LiveAttackRun:
         run = mlflow.start_run(experiment_id=ensure_experiment(self.experiment), run_name=self.name, tags=tags)
         log_params({"victim": self.victim, "dataset": self.dataset, **config.flat()})
         self.run_id = run.info.run_id
+        if self.data is not None:
+            log_datasets(self.data, self.data_uses)
         log.info("MLflow run %s (%s) streams the training metrics", self.run_id, self.name)
         return self
 
@@ -200,6 +241,21 @@ def _log_report(report: Any) -> None:
             extra={"victim": record["victim"], "dataset": record["dataset"], "evaluation": report.evaluation},
         )
         mlflow.log_artifact(str(path), artifact_path="generator")
+    run = mlflow.active_run()
+    client = MlflowClient()
+    config = report.result.config
+    log_torch_model(
+        client,
+        run.info.run_id,
+        report.result.generator,
+        generator_model_name(str(record["victim"]), str(record["dataset"])),
+        model_type="generator",
+        params=client.get_run(run.info.run_id).data.params,
+        tags={
+            "victim": record["victim"], "dataset": record["dataset"], "gradient_source": config.gradient_source,
+            "norm": config.norm, "eps": f"{config.eps:g}", "seed": config.seed, "stopped": report.result.stopped,
+        },  # fmt: skip
+    )
 
 
 def download_generator(run_id: str, dst: str | Path | None = None) -> Path:

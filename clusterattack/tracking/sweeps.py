@@ -18,17 +18,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import mlflow.pytorch
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModel, Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from clusterattack.data.errors import DatasetError
+from clusterattack.tracking.datasets import DatasetUse, dataset_inputs, log_dataset_inputs
+from clusterattack.tracking.models import find_logged_model, log_torch_model, register_logged_model
 from clusterattack.tracking.store import configure, ensure_experiment, flatten, source_tags
+from clusterattack.tracking.ui import SweepView, views_markdown, write_sweep_views
 
 __all__ = [
     "PARENT_TAG",
+    "RECORDING_ERRORS",
     "SWEEP_EXPERIMENT",
     "SweepRecorder",
     "generator_name",
@@ -44,6 +48,9 @@ TRIAL_TAG = "trial_id"
 _NAME_PART = re.compile(r"^[A-Za-z0-9_.]+$")
 _PARAM_LIMIT = 6000  # MLflow rejects longer parameter values
 _BATCH = 900  # log_batch takes at most 1000 metrics
+#: What writing a record can raise (store, data set manifest, files): a Tune callback that
+#: only records catches these so that a lost record never stops a sweep.
+RECORDING_ERRORS: tuple[type[Exception], ...] = (MlflowException, DatasetError, OSError, ValueError)
 
 
 def generator_name(model: str, dataset: str) -> str:
@@ -121,7 +128,7 @@ class SweepRecorder:
         if run_id is not None:
             try:
                 self.client.update_run(run_id, status="RUNNING")
-            except mlflow.exceptions.MlflowException as err:
+            except MlflowException as err:
                 raise ValueError(
                     f"parent run {run_id} of the sweep being resumed is not in the store "
                     f"{self.tracking_uri}: resume with the MLFLOW_TRACKING_URI it started with"
@@ -130,8 +137,23 @@ class SweepRecorder:
             return run_id
         run = self.client.create_run(self.experiment_id, tags={**source_tags(), **tags}, run_name=run_name)
         self.log_params(run.info.run_id, params)
+        self.write_views(run.info.run_id, str(tags.get("sweep") or run_name))
         log.info("sweep %s: parent run %s in experiment %r", run_name, run.info.run_id, self.experiment)
         return run.info.run_id
+
+    def write_views(self, parent_run_id: str, sweep: str) -> list[SweepView]:
+        """Shared MLflow UI views of the sweep (seed runs by victim, Table 1 rows; see ``tracking.ui``),
+        linked from the parent run's description and its tag ``ui.views``."""
+        views = write_sweep_views(self.client, self.experiment_id, sweep, parent_run_id)
+        links = views_markdown("", self.experiment_id, views)
+        self.set_tags(
+            parent_run_id,
+            {
+                "mlflow.note.content": f"Sweep **{sweep}**: compare its runs in the MLflow UI\n\n{links}\n",
+                "ui.views": ",".join(v.key for v in views),
+            },
+        )
+        return views
 
     def trial_run(
         self,
@@ -219,6 +241,27 @@ class SweepRecorder:
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
+    def log_generator_model(
+        self,
+        run_id: str,
+        generator: torch.nn.Module,
+        name: str,
+        tags: Mapping[str, Any] | None = None,
+        step: int = 0,
+    ) -> LoggedModel:
+        """Log ``generator`` as logged model ``name`` of run ``run_id`` (MLflow 3, no registration).
+
+        The model carries the run's params and ``tags``; MLflow copies the run's metrics at
+        ``step`` onto it (a seed run's scores: its final step), so the experiment's Models tab
+        compares generators. A seed run's generator is logged once it completes.
+        """
+        configure(self.tracking_uri)
+        params = self.client.get_run(run_id).data.params
+        model, _ = log_torch_model(
+            self.client, run_id, generator, name, model_type="generator", params=params, tags=tags, step=step
+        )
+        return model
+
     def log_generator(
         self,
         run_id: str,
@@ -227,37 +270,31 @@ class SweepRecorder:
         generator_file: str | Path,
         tags: Mapping[str, Any],
     ) -> ModelVersion:
-        """Log a trained generator on ``run_id`` (mlflow.pytorch) and register it as ``registered_name``.
+        """Register the generator of ``run_id`` as a version of ``registered_name``.
 
+        The run's logged model ``registered_name`` (logged when the seed run completed, see
+        :meth:`log_generator_model`) is registered; a run without one gets it logged first.
         ``generator_file`` (``attacks.io.save_generator`` output: weights, config, victim)
-        is stored beside the model as ``generator/generator.pt``; ``tags`` go on the version.
+        is stored beside it as the run artifact ``generator/generator.pt``; ``tags`` go on
+        the version.
         """
         configure(self.tracking_uri)
         self.log_artifact(run_id, generator_file, "generator")
-        shape = tuple(getattr(generator, "input_shape", ()))
-        signature = None
-        if shape:
-            from mlflow.models import infer_signature
-
-            example = torch.rand(2, *shape)
-            with torch.no_grad():
-                signature = infer_signature(example.numpy(), generator.eval()(example).numpy())
-        # The fluent API is the only way to log a model; the run is reopened just for it.
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-            info = mlflow.pytorch.log_model(
-                generator,
-                name="generator_model",
-                signature=signature,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                registered_model_name=registered_name,
-                serialization_format="pickle",
-            )
-        version = str(info.registered_model_version)
+        model = find_logged_model(self.client, run_id, registered_name)
+        if model is None:
+            history = self.client.get_metric_history(run_id, "final")
+            step = max((m.step for m in history), default=0)
+            model = self.log_generator_model(run_id, generator, registered_name, tags=tags, step=step)
+        version = str(register_logged_model(model, registered_name).version)
         for key, value in tags.items():
             text = f"{value:.4f}" if isinstance(value, float) else str(value)
             self.client.set_model_version_tag(registered_name, version, key, text[:5000])
-        log.info("registered %s version %s from run %s", registered_name, version, run_id)
+        log.info("registered %s version %s (logged model %s of run %s)", registered_name, version, model.model_id, run_id)
         return self.client.get_model_version(registered_name, version)
+
+    def log_datasets(self, run_id: str, source: Any, uses: Sequence[DatasetUse]) -> None:
+        """Link the splits ``uses`` of data set ``source`` (Parquet URI or ImageDataset) to ``run_id`` as inputs."""
+        log_dataset_inputs(self.client, run_id, dataset_inputs(source, uses))
 
     def write_json(self, run_id: str, values: Mapping[str, Any], artifact_file: str) -> None:
         """A JSON artifact on ``run_id`` (e.g. the sweep's full config)."""

@@ -15,6 +15,7 @@ import mlflow.pytorch
 import torch
 from mlflow.entities.model_registry import ModelVersion
 
+from clusterattack.tracking.models import log_torch_model
 from clusterattack.tracking.store import client, configure
 
 log = logging.getLogger(__name__)
@@ -66,32 +67,23 @@ def log_victim(
     mlflow.log_dict(cfg, "victim_config.json")
     if checkpoint is not None:
         mlflow.log_artifact(str(checkpoint), artifact_path="checkpoint")
-    signature = None
-    shape = getattr(model, "input_shape", None)
-    if shape is not None:
-        from mlflow.models import infer_signature
-
-        device = next(model.parameters()).device
-        example = torch.rand(2, *shape)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model(example.to(device)).cpu()
-        model.train(was_training)
-        signature = infer_signature(example.numpy(), out.numpy())
-    info = mlflow.pytorch.log_model(
+    c = client()
+    run_id = mlflow.active_run().info.run_id
+    scores = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    # An MLflow 3 logged model of the run (its Models tab, the experiment's Models tab), named
+    # "model" so that ``runs:/<run id>/model`` still finds it; the registry name is a tag.
+    _, info = log_torch_model(
+        c,
+        run_id,
         model,
-        name=MODEL_ARTIFACT,
-        signature=signature,
-        # Explicit requirements: inferring them imports and probes the environment (slow).
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        registered_model_name=name if register else None,
-        # The whole module, not a traced graph: loaders need predict_proba, features and config.
-        serialization_format="pickle",
+        MODEL_ARTIFACT,
+        model_type="victim",
+        params=c.get_run(run_id).data.params,
+        tags={"victim": name, "model": getattr(model, "name", type(model).__name__.lower()), "dataset": dataset, **scores},
+        registered_name=name if register else None,
     )
     if not register:
         return None
-    c = client()
     version = str(info.registered_model_version)
     for key, value in metrics.items():
         c.set_model_version_tag(

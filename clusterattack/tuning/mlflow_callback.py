@@ -3,7 +3,12 @@
 Only the driver writes to the store (trials never import mlflow), so a local sqlite
 store sees one writer. Parameter names are the AttackConfig's flat field names
 (``alpha_a``, ``eps``, ``surrogate.width`` ...) and metric names are the trial's reported
-keys, the same in every run, so the MLflow UI compares trials across sweeps.
+keys, the same in every run, so the MLflow UI compares trials across sweeps, victims and
+gradient sources (tags ``victim``, ``gradient_source``, ``eps``, ``phase`` group them).
+
+With the data set's Parquet URI, every run (and the parent) lists its split as an input:
+the attacker's pool as ``training``, the test split as ``evaluation`` for runs that score.
+A seed run's generator is logged as an MLflow logged model of its run when it completes.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from typing import Any
 from ray.tune import Callback
 
 from clusterattack.attacks.config import AttackConfig
-from clusterattack.tracking.sweeps import SweepRecorder
-from clusterattack.tuning.trainable import EVALUATION_METRICS, trial_params
+from clusterattack.tracking.datasets import EVALUATION, TRAINING, DatasetUse
+from clusterattack.tracking.sweeps import RECORDING_ERRORS, SweepRecorder, generator_name
+from clusterattack.tuning.trainable import EVALUATION_METRICS, GENERATOR_FILE, trial_params
 
 __all__ = ["TRIAL_METRICS", "MLflowSweepCallback"]
 
@@ -40,6 +46,11 @@ class MLflowSweepCallback(Callback):
         attack: the base attack (sampled fields override it in each run's params).
         params, tags: logged on every child run as well (budget, victim version, ...).
         max_epochs: a trial that ends before it is tagged ``stopped_early`` (ASHA).
+        data_uri: the target's Parquet data set (local path or s3://): each run lists it
+            as inputs (None: no inputs).
+        data_images: images of each split the trials hold (``{"train": ..., "test": ...}``),
+            drawn with ``data_seed``; recorded as input tags.
+        log_models: log each seed run's generator as a logged model of its run.
     """
 
     def __init__(
@@ -52,6 +63,10 @@ class MLflowSweepCallback(Callback):
         params: Mapping[str, Any],
         tags: Mapping[str, str],
         max_epochs: int,
+        data_uri: str | None = None,
+        data_images: Mapping[str, int] | None = None,
+        data_seed: int | None = None,
+        log_models: bool = True,
     ) -> None:
         self.recorder = recorder
         self.parent_run_id = parent_run_id
@@ -63,15 +78,79 @@ class MLflowSweepCallback(Callback):
         self.params = dict(params)
         self.tags = dict(tags)
         self.max_epochs = max_epochs
+        self.data_uri = data_uri
+        self.data_images = dict(data_images or {})
+        self.data_seed = data_seed
+        self.log_models = log_models
         self._runs: dict[str, str] = {}
         self._steps: dict[str, int] = {}
         self._open: set[str] = set()
+        self._parent_inputs = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Saved with the Tune experiment: run ids are looked up again after a restore.
         state = self.__dict__.copy()
         state["_runs"], state["_steps"], state["_open"] = {}, {}, set()
+        state["_parent_inputs"] = False
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A callback pickled before these fields existed (a sweep resumed across versions).
+        self.__dict__.update({"data_uri": None, "data_images": {}, "data_seed": None, "log_models": True, **state})
+
+    # ------------------------------------------------------------------ MLflow records
+    def _uses(self, scores: bool) -> list[DatasetUse]:
+        def use(split: str, context: str) -> DatasetUse:
+            images = self.data_images.get(split)
+            return DatasetUse(split, context, images, self.data_seed if images is not None else None)
+
+        return [use("train", TRAINING), *([use("test", EVALUATION)] if scores else [])]
+
+    def _log_inputs(self, run_id: str, scores: bool) -> None:
+        """The data set's splits as inputs of ``run_id``; a failure is logged, never fatal to the sweep."""
+        if self.data_uri is None:
+            return
+        try:
+            self.recorder.log_datasets(run_id, self.data_uri, self._uses(scores))
+        except RECORDING_ERRORS as err:
+            log.warning("run %s: could not log data set %s as an input: %s", run_id, self.data_uri, err)
+
+    def _scores(self) -> bool:
+        """Whether this experiment's runs are scored on the test split (seed runs; oracle search)."""
+        return self.tags.get("phase") == "final" or self.tags.get("selection") == "oracle"
+
+    def _attack_tags(self, attack: AttackConfig) -> dict[str, str]:
+        """Tags the MLflow UI groups and filters runs by: victim, gradient source, eps, Table 1 row."""
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "victim": f"victim-{self.model}-{self.dataset}",
+            "gradient_source": attack.gradient_source,
+            "norm": attack.norm,
+            "eps": f"{attack.eps:g}",
+            "black_box": str(attack.black_box),
+            "seed": str(attack.seed),
+            # One Table 1 row (tuning.sweep.row_key): grouping by it averages a row's seed runs.
+            "table_row": f"{self.model}-{self.dataset}-{attack.gradient_source}-eps{attack.eps:g}",
+        }
+
+    def _log_generator(self, trial: Any, run_id: str, tags: Mapping[str, Any]) -> None:
+        """The generator of a completed seed run (its last checkpoint) as a logged model of its run."""
+        from clusterattack.attacks.io import load_generator
+
+        checkpoint = trial.checkpoint
+        if checkpoint is None:
+            log.warning("seed run %s left no checkpoint: its generator is not logged as a model", trial.trial_id)
+            return
+        try:
+            with checkpoint.as_directory() as folder:
+                generator, _, _ = load_generator(f"{folder}/{GENERATOR_FILE}")
+            self.recorder.log_generator_model(
+                run_id, generator, generator_name(self.model, self.dataset), tags=tags,
+                step=self._steps.get(trial.trial_id, 0),
+            )  # fmt: skip
+        except (*RECORDING_ERRORS, RuntimeError) as err:
+            log.warning("seed run %s: could not log its generator as a model: %s", trial.trial_id, err)
 
     def _run_id(self, trial: Any) -> str:
         run_id = self._runs.get(trial.trial_id)
@@ -86,22 +165,16 @@ class MLflowSweepCallback(Callback):
             **self.params,
             **attack.flat(),
         }
-        tags = {
-            **self.tags,
-            "model": self.model,
-            "dataset": self.dataset,
-            "victim": f"victim-{self.model}-{self.dataset}",
-            "gradient_source": attack.gradient_source,
-            "norm": attack.norm,
-            "eps": f"{attack.eps:g}",
-            "black_box": str(attack.black_box),
-            "seed": str(attack.seed),
-        }
+        tags = {**self.tags, **self._attack_tags(attack)}
         # Named alike across victims and sources, so the UI's run list reads as a table.
         run_name = f"{self.model}-{self.dataset}-{attack.gradient_source}-eps{attack.eps:g}-" + (
             f"seed{attack.seed}" if self.tags.get("phase") == "final" else trial.trial_id
         )
         run_id = self.recorder.trial_run(self.parent_run_id, trial.trial_id, run_name, params, tags)
+        if not self._parent_inputs:
+            self._log_inputs(self.parent_run_id, scores=True)
+            self._parent_inputs = True
+        self._log_inputs(run_id, scores=self._scores())
         self._runs[trial.trial_id] = run_id
         self._open.add(trial.trial_id)
         last = self.recorder.last_step(run_id)
@@ -133,6 +206,10 @@ class MLflowSweepCallback(Callback):
         run_id = self._run_id(trial)
         last = trial.last_result or {}
         epochs = int(last.get("epoch", 0))
+        if self.log_models and self.tags.get("phase") == "final":
+            attack = AttackConfig.from_dict(self.attack).override(**trial_params(trial.config))
+            model_tags = {**self._attack_tags(attack), "trial_id": trial.trial_id, **self.tags}
+            self._log_generator(trial, run_id, model_tags)
         self.recorder.set_tags(
             run_id,
             {

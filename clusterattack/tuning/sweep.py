@@ -429,6 +429,11 @@ def _run_tune(
             },  # fmt: skip
             tags=tags,
             max_epochs=attack.epochs,
+            # Each run lists the target's Parquet data set as its inputs (tracking.datasets).
+            data_uri=target.data_uri,
+            data_images={"train": len(target.train_images), "test": len(target.test_images)},
+            data_seed=config.seed,
+            log_models=config.register_generators,
         )
         search = phase == "search"
         scheduler = (

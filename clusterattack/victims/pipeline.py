@@ -125,6 +125,16 @@ def _numeric(values: dict) -> dict[str, float]:
     return out
 
 
+def victim_data_uses(num_train: int, num_test: int, job: TrainJob) -> list:
+    """The splits a victim run reads, as MLflow inputs: train (``training``), test (``evaluation``)."""
+    from clusterattack.tracking.datasets import EVALUATION, TRAINING, DatasetUse
+
+    return [
+        DatasetUse("train", TRAINING, num_train, job.seed if job.train_limit is not None else None),
+        DatasetUse("test", EVALUATION, num_test),
+    ]
+
+
 def run_train_job(job: TrainJob, dataset=None) -> TrainResult:
     """Train ``job.model`` on ``job.dataset`` (or the given ``ImageDataset``), log and register it."""
     from clusterattack import tracking
@@ -156,6 +166,7 @@ def run_train_job(job: TrainJob, dataset=None) -> TrainResult:
     tags = {"model": job.model, "dataset": job.dataset, "preset": job.preset, "paper": spec.paper}
     run_name = f"{job.model}-{job.dataset}-{job.preset}-s{job.seed}"
     with tracking.start_run(job.experiment, run_name=run_name, params=params, tags=tags) as run:
+        tracking.log_datasets(dataset, victim_data_uses(data.num_train, len(data.test_labels), job))
         ctx = TrainContext(
             device=device,
             seed=job.seed,
