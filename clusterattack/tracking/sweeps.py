@@ -28,7 +28,15 @@ from clusterattack.data.errors import DatasetError
 from clusterattack.tracking.datasets import DatasetUse, dataset_inputs, log_dataset_inputs
 from clusterattack.tracking.models import find_logged_model, log_torch_model, register_logged_model
 from clusterattack.tracking.store import configure, ensure_experiment, flatten, source_tags
-from clusterattack.tracking.ui import SweepView, views_markdown, write_sweep_views
+from clusterattack.tracking.ui import (
+    SweepView,
+    experiment_url,
+    models_url,
+    run_url,
+    sweep_views,
+    views_markdown,
+    write_sweep_views,
+)
 
 __all__ = [
     "PARENT_TAG",
@@ -173,6 +181,19 @@ class SweepRecorder:
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def ui_links(self, parent_run_id: str, base: str = "http://127.0.0.1:5000") -> dict[str, str]:
+        """Title -> address of the sweep's pages in an MLflow UI served at ``base``: its shared views
+        (charts), the experiment's runs and logged models, in the model-training view."""
+        tags = self.client.get_run(parent_run_id).data.tags
+        keys = [k for k in tags.get("ui.views", "").split(",") if k]
+        sweep = tags.get("sweep") or parent_run_id
+        titles = {v.key: v.title for v in sweep_views(sweep, parent_run_id)}
+        links = {titles.get(k, k): experiment_url(base, self.experiment_id, k, charts=True) for k in keys}
+        links["runs of the experiment"] = experiment_url(base, self.experiment_id)
+        links["logged models (generators)"] = models_url(base, self.experiment_id)
+        links["the sweep's parent run"] = run_url(base, self.experiment_id, parent_run_id)
+        return links
 
     def find_trial_run(self, parent_run_id: str, trial_id: str) -> Any | None:
         """The child run of ``trial_id`` under the parent (``mlflow.entities.Run``), or None."""

@@ -20,7 +20,8 @@ from clusterattack.tracking.datasets import (
     memory_dataset,
     parquet_dataset,
 )
-from clusterattack.tracking.ui import experiment_url, run_url, sweep_views
+from clusterattack.tracking.sweeps import SweepRecorder
+from clusterattack.tracking.ui import SHARED_VIEW_TAG, experiment_url, run_url, sweep_views
 
 
 def _images(seed: int = 0, n_train: int = 12, n_test: int = 6) -> ImageDataset:
@@ -113,3 +114,17 @@ def test_sweep_views_filter_its_seed_runs_and_set_comparison_charts():
     assert url.startswith("http://127.0.0.1:5001/#/experiments/3/runs?workflowType=machine_learning")
     assert url.endswith(f"compareRunsMode=CHART&viewStateShareKey={seeds.key}")
     assert run_url("", "3", "r1") == "#/experiments/3/runs/r1?workflowType=machine_learning"
+
+
+def test_a_new_sweep_writes_its_views_and_says_where_to_click(mlflow_uri):
+    recorder = SweepRecorder(mlflow_uri)
+    parent = recorder.start_parent("demo", {"budget": 1}, {"sweep": "demo"})
+    links = recorder.ui_links(parent, "http://127.0.0.1:5001")
+    seeds, rows = sweep_views("demo", parent)
+    assert list(links)[:2] == [seeds.title, rows.title]
+    assert links[seeds.title].endswith(f"viewStateShareKey={seeds.key}")
+    assert links["the sweep's parent run"].endswith(f"/runs/{parent}?workflowType=machine_learning")
+    tags = MlflowClient().get_experiment(recorder.experiment_id).tags
+    assert json.loads(tags[SHARED_VIEW_TAG + seeds.key]) == seeds.state
+    note = MlflowClient().get_run(parent).data.tags["mlflow.note.content"]
+    assert f"(#/experiments/{recorder.experiment_id}/runs?" in note and rows.key in note
