@@ -229,7 +229,20 @@ def report(outcome: Any) -> None:
     for name, paths in outcome.tables.items():
         print(f"{name}: {paths['csv']}  {paths['parquet']}")
     print(f"sweep state and Tune results: {outcome.state_dir}")
-    print(f"MLflow UI: {ui_command(outcome.tracking_uri)}   (experiment 'sweeps', run {outcome.config.experiment})")
+    print(f"MLflow UI: {ui_command(outcome.tracking_uri, port=5001)}   then open (experiment 'sweeps', "
+          f"run {outcome.config.experiment}; MLflow 3 opens experiments in its GenAI view until 'Model training' "
+          "is clicked once, these links open the training view):")
+    from mlflow.exceptions import MlflowException
+
+    from clusterattack.tracking.sweeps import SweepRecorder
+
+    try:
+        links = SweepRecorder(outcome.tracking_uri).ui_links(outcome.parent_run_id, "http://127.0.0.1:5001")
+    except (MlflowException, OSError, KeyError) as err:  # the tables above stand without the links
+        print(f"  (links unavailable: {err})")
+        links = {}
+    for title, url in links.items():
+        print(f"  {title}: {url}")
 
 
 def main(argv: list[str] | None = None) -> int:
