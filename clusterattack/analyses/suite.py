@@ -194,8 +194,9 @@ class SweepAnalysisRequest:
     (``data.subset("test", limit=eval_limit, seed=seed)``). ``state`` is the sweep's mutable
     record of its analyses (``state["analyses"][name]``: status and run id), ``persist`` a
     callable that saves it (called after every change). ``sizes`` default to ``preset``'s.
-    ``cpus_per_task`` Ray CPUs (and torch threads) per analysis; ``device`` where the
-    analyses that train generators train them.
+    ``cpus_per_task`` Ray CPUs (and torch threads) per analysis, ``gpus_per_task`` its GPUs;
+    ``device`` ("cpu", or "cuda" with ``gpus_per_task`` > 0) where the analyses that train
+    generators (norm curves, the fresh attack of retraining) train them; the rest runs on CPU.
     """
 
     sweep: str
@@ -210,6 +211,7 @@ class SweepAnalysisRequest:
     sizes: AnalysisSizes | None = None
     table2: tuple[Mapping[str, Any], ...] = ()
     cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0
     device: str = "cpu"
     victim_preset: str = "demo"
     ray_address: str | None = None
@@ -240,6 +242,13 @@ class SweepAnalysisRequest:
             raise ValueError(f"eval_limit must be an integer >= 2, got {self.eval_limit!r}")
         if not isinstance(self.cpus_per_task, int | float) or self.cpus_per_task <= 0:
             raise ValueError(f"cpus_per_task must be > 0, got {self.cpus_per_task!r}")
+        if not isinstance(self.gpus_per_task, int | float) or self.gpus_per_task < 0:
+            raise ValueError(f"gpus_per_task must be >= 0, got {self.gpus_per_task!r}")
+        if self.device.startswith("cuda") != (self.gpus_per_task > 0):
+            raise ValueError(
+                f"device {self.device!r} and gpus_per_task {self.gpus_per_task!r} disagree: a task trains on "
+                "cuda only when Ray gives it a GPU (gpus_per_task > 0), and a GPU given to a cpu task sits idle"
+            )
         if self.sizes is None:
             object.__setattr__(self, "sizes", AnalysisSizes.preset(self.preset))
         elif not isinstance(self.sizes, AnalysisSizes):
@@ -782,7 +791,9 @@ def run_sweep_analyses(request: SweepAnalysisRequest) -> dict[str, AnalysisStatu
     started_ray = init_ray(request.ray_address)
     started = {name: time.perf_counter() for name in todo}
     try:
-        remote = ray.remote(_run_in_task).options(num_cpus=request.cpus_per_task, max_retries=0)
+        remote = ray.remote(_run_in_task).options(
+            num_cpus=request.cpus_per_task, num_gpus=request.gpus_per_task, max_retries=0
+        )
         shipped = ray.put(request.detached())
         pending = {remote.remote(name, shipped, record[name]["run_id"]): name for name in todo}
         while pending:

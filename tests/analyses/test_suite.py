@@ -227,9 +227,7 @@ def _unloadable_generator(client: MlflowClient, tmp: Path) -> str:
 
 
 def test_a_failing_analysis_leaves_the_others_and_the_report_standing(swept, tmp_path):
-    from clusterattack.analyses.suite import run_sweep_analyses
-    from clusterattack.reports import write_report
-    from clusterattack.tracking.reports import gather_report
+    """Through ``jobs/report.py --run-analyses`` (the request read back from the parent run)."""
     from clusterattack.tracking.sweeps import SweepRecorder
     from clusterattack.tuning.summary import TABLE1, TABLE2
 
@@ -244,30 +242,28 @@ def test_a_failing_analysis_leaves_the_others_and_the_report_standing(swept, tmp
     recorder.write_json(parent, config.to_dict(), "sweep_config.json")
     recorder.end_run(parent)
 
-    statuses = run_sweep_analyses(
-        _request(config, outcome, sweep="broken", parent_run_id=parent, rows=rows, analyses="pca,baselines")
-    )
-    # pca needs both generators: the eps 0.2 one fails, the eps 0.1 one is computed and kept
-    assert statuses["pca"].status == "FAILED" and statuses["pca"].items == 1
-    assert statuses["pca"].failed_items == ("cc-digits-surrogate-eps0.2",)
-    assert "cc-digits-surrogate-eps0.2" in statuses["pca"].error
-    # baselines use the headline row (eps 0.1) only, and go on
-    assert statuses["baselines"].status == "FINISHED", statuses["baselines"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        args = ["--parent-run", parent, "--run-analyses", "pca,baselines", "--no-mlflow", "--out", str(tmp_path / "r")]
+        assert _job().main(args) == 0
     children = _children(client, parent)
     (pca_run,), (base_run,) = children["pca"], children["baselines"]
-    assert pca_run.info.status == "FAILED" and pca_run.data.tags["error"] == statuses["pca"].error
+    # pca needs both generators: the eps 0.2 one cannot load, the eps 0.1 one is computed and kept
+    error = pca_run.data.tags["error"]
+    assert pca_run.info.status == "FAILED" and error.startswith("1 of 2 item(s) failed: cc-digits-surrogate-eps0.2: ")
+    assert f"cannot load generator {broken}" in error
+    payload = _payload(client, pca_run, tmp_path / "pca")
+    assert [f["key"] for f in payload["failed"]] == ["cc-digits-surrogate-eps0.2"]
+    assert [i["key"] for i in payload["items"]] == ["cc-digits-surrogate-eps0.1"]
+    # baselines use the headline row (eps 0.1) only, and go on
     assert base_run.info.status == "FINISHED" and "error" not in base_run.data.tags
-    failed = _payload(client, pca_run, tmp_path / "pca")["failed"]
-    assert [f["key"] for f in failed] == ["cc-digits-surrogate-eps0.2"]
+    assert client.get_run(parent).data.tags["analyses.requested"] == "pca,baselines"
 
-    data = gather_report(parent_run_id=parent, work_dir=tmp_path / "work")
-    assert data.requested == ("pca", "baselines")
-    index = write_report(data, tmp_path / "report")
-    page = read_page(index)
+    page = read_page(Path(printed.getvalue().strip()))
     assert page.states["pca"] == "failed" and page.states["baselines"] == "filled"
     assert cell(page, "pca-cc-digits-surrogate-eps0.1", "points") == config.eval_limit
     text = " ".join(page.text)
-    assert statuses["pca"].error in text and pca_run.info.run_id in text
+    assert error in text and pca_run.info.run_id in text
     for kind in ("norm_curves", "transfer", "detection", "retraining"):
         assert page.states[kind] == "not_requested", kind
         assert f"python jobs/report.py --sweep broken --run-analyses {kind}" in text

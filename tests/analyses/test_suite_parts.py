@@ -72,6 +72,8 @@ def test_request_checks_rows_data_and_sizes():
         _request(eval_limit=1)
     with pytest.raises(ValueError, match="nothing to analyse"):
         _request(rows=())
+    with pytest.raises(ValueError, match="device 'cuda' and gpus_per_task 0.0 disagree"):
+        _request(device="cuda")
 
 
 def _run(method: str, budget: int, per_image: float, drop: float) -> dict:
