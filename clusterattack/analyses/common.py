@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,16 +163,34 @@ def _with_threads(threads: int, fn: Callable, *args: Any) -> Any:
 
 
 class TaskRunner:
-    """Runs the same functions as Ray tasks (one CPU each) or in this process, in submission order."""
+    """Runs the same functions as Ray tasks or in this process (``use_ray`` False), in submission order.
 
-    def __init__(self, use_ray: bool, threads: int, address: str | None) -> None:
+    Each task asks Ray for ``num_cpus`` CPUs and ``num_gpus`` GPUs and runs with ``threads``
+    torch threads; ``max_retries`` (None: Ray's default) is how often a task whose worker
+    died is run again. ``close`` stops the Ray this runner started, if it did.
+    """
+
+    def __init__(
+        self,
+        use_ray: bool,
+        threads: int,
+        address: str | None,
+        *,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        max_retries: int | None = None,
+    ) -> None:
         self.use_ray = use_ray
         self.threads = threads
+        self.started_ray = False
         if use_ray:
             import ray
 
-            init_ray(address)
-            self._remote = ray.remote(num_cpus=1)(_with_threads)
+            self.started_ray = init_ray(address)
+            options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+            if max_retries is not None:
+                options["max_retries"] = max_retries
+            self._remote = ray.remote(**options)(_with_threads)
 
     def put(self, value: Any) -> Any:
         if not self.use_ray:
@@ -203,3 +221,38 @@ class TaskRunner:
                 bar.update(len(done))
                 log.info("%s: %d/%d tasks done", desc, len(handles) - len(pending), len(handles))
         return ray.get(list(handles))
+
+    def as_completed(self, handles: Sequence[Any]) -> Iterator[tuple[int, Any, Exception | None]]:
+        """``(index, result, None)`` or ``(index, None, error)`` of each task as it ends (locally: in order).
+
+        One task's error does not stop the others; ``error`` is what the function raised
+        (Ray's wrapper unwrapped), or Ray's error when the worker itself died.
+        """
+        if not self.use_ray:
+            for i, (_, fn, args) in enumerate(handles):
+                try:
+                    yield i, _with_threads(self.threads, fn, *args), None
+                except Exception as err:  # reported to the caller with the task it belongs to
+                    yield i, None, err
+            return
+        import ray
+
+        index = {ref: i for i, ref in enumerate(handles)}
+        pending = list(handles)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                result = ray.get(done[0])
+            except Exception as err:  # RayTaskError carries the function's own error as ``cause``
+                cause = getattr(err, "cause", None)
+                yield index[done[0]], None, cause if isinstance(cause, Exception) else err
+            else:
+                yield index[done[0]], result, None
+
+    def close(self) -> None:
+        """Stop Ray if this runner started it (a Ray found running is left as it is)."""
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
+            self.started_ray = False
