@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seeds", type=int, default=None, help="fresh seeds each eps's best configuration is run with")
     p.add_argument(
+        "--analyses", default=None, metavar="all|none|A,B",
+        help="the paper's analyses after the seed runs, from this sweep's generators, each a child run: "
+        "breakdown, norm_curves, transfer, detection, pca, retraining, baselines (default: the preset's; "
+        "paper all, demo all but norm_curves and retraining, tiny none)",
+    )
+    p.add_argument(
         "--space",
         action="append",
         default=[],
@@ -141,6 +147,10 @@ def build_config(args: argparse.Namespace) -> Any:
             raise ValueError(f"--eps takes comma-separated numbers, got {args.eps!r}") from None
     if args.recipe:
         changes["recipe"] = args.recipe
+    if args.analyses is not None:
+        from clusterattack.analyses.suite import parse_analyses
+
+        changes["analyses"] = parse_analyses(args.analyses)
     for flag, name in (
         ("objective", "objective"),
         ("seeds", "seeds"),
@@ -223,6 +233,11 @@ def report(outcome: Any) -> None:
         "Table 2: query complexity (mean per seed run; selection queries included; calls_256 = image-queries / 256, "
         "the paper's unit; scoring queries are the experimenter's, counted apart)",
     )  # fmt: skip
+    if outcome.analyses:
+        print("\nanalyses (child runs of the parent; jobs/report.py shows them):")
+        for name, status in outcome.analyses.items():
+            detail = f": {status.error}" if status.error else ""
+            print(f"  {name:12} {status.status.lower()}{detail}")
     if outcome.skipped:
         print(f"\nskipped (data set not present): {', '.join(outcome.skipped)}")
     print("\nregistered generators: " + (", ".join(outcome.generators.values()) or "none"))

@@ -139,6 +139,9 @@ class SweepConfig:
         object_store_mb: object store size of a Ray started by the sweep itself.
         register_generators: log and register the final generator of each eps.
         skip_missing_datasets: skip targets whose data set is not on disk instead of failing.
+        analyses: the paper's analyses run after the seed runs, from this sweep's generators,
+            each a child run of the parent (``clusterattack.analyses.suite.ANALYSES``; ``paper``
+            runs all, ``demo`` what fits its time, ``tiny`` none).
     """
 
     preset_name: str = "demo"
@@ -174,6 +177,7 @@ class SweepConfig:
     object_store_mb: int = 512
     register_generators: bool = True
     skip_missing_datasets: bool = False
+    analyses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from clusterattack.victims.registry import PRESETS as VICTIM_PRESETS
@@ -248,6 +252,15 @@ class SweepConfig:
         if self.serve_port > 65535:
             raise ValueError(f"serve_port must be a TCP port (1-65535), got {self.serve_port!r}")
         _int("object_store_mb", self.object_store_mb, 64)
+        from clusterattack.analyses.suite import parse_analyses
+
+        if not isinstance(self.analyses, tuple) or parse_analyses(self.analyses) != self.analyses:
+            raise ValueError(
+                f"analyses must be a tuple of names in their canonical order, got {self.analyses!r} "
+                f"(parse them with clusterattack.analyses.suite.parse_analyses)"
+            )
+        if self.analyses and not self.register_generators:
+            raise ValueError("analyses run on the sweep's registered generators: they need register_generators=True")
 
     def _check_attack(self) -> None:
         from clusterattack.attacks.recipes import get_recipe
@@ -358,6 +371,7 @@ class SweepConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["targets"] = [list(t) for t in self.targets]
         out["gradient_sources"] = list(self.gradient_sources)
+        out["analyses"] = list(self.analyses)
         out["eps_grid"] = list(self.eps_grid)
         out["space"] = [spec.describe() for spec in self.space]
         out["attack"] = self.attack.to_dict()
@@ -373,7 +387,7 @@ class SweepConfig:
             raise ValueError(f"unknown SweepConfig field(s) {unknown}; expected {sorted(own)}")
         if "targets" in data:
             data["targets"] = tuple(tuple(t) for t in data["targets"])
-        for key in ("gradient_sources", "eps_grid"):
+        for key in ("gradient_sources", "eps_grid", "analyses"):
             if key in data:
                 data[key] = tuple(data[key])
         if "space" in data:
@@ -422,6 +436,10 @@ def _apply(config: SweepConfig, changes: Mapping[str, Any]) -> SweepConfig:
     for key in ("gradient_sources", "eps_grid", "targets"):
         if key in plain and isinstance(plain[key], list):
             plain[key] = tuple(plain[key])
+    if "analyses" in plain:
+        from clusterattack.analyses.suite import parse_analyses
+
+        plain["analyses"] = parse_analyses(plain["analyses"])
     if plain.get("gradient_sources"):
         # The template attack names the first source (each source's experiments replace it).
         attack_changes.setdefault("gradient_source", plain["gradient_sources"][0])
@@ -498,6 +516,8 @@ def _demo() -> SweepConfig:
         grace_period=2,
         reduction_factor=3.0,
         eval_limit=1_000,
+        # What fits the demo's time: norm curves and retraining train more generators.
+        analyses=("breakdown", "transfer", "detection", "pca", "baselines"),
     )
 
 
@@ -533,6 +553,7 @@ def _paper() -> SweepConfig:
         replica_gpus=0.25,
         object_store_mb=4096,
         skip_missing_datasets=True,
+        analyses=("breakdown", "norm_curves", "transfer", "detection", "pca", "retraining", "baselines"),
     )
 
 

@@ -63,6 +63,7 @@ class SweepOutcome:
     interrupted: bool = False
     table1: list[dict[str, Any]] = field(default_factory=list)
     table2: list[dict[str, Any]] = field(default_factory=list)
+    analyses: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, dict[str, Path]] = field(default_factory=dict)
     generators: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -189,6 +190,8 @@ def run_sweep(
     started_ray = init_ray(ray_address, config.object_store_mb)
     try:
         _run_targets(config, state, folder, recorder, outcome, callbacks, resume)
+        if not outcome.interrupted and config.analyses and outcome.table1:
+            outcome.analyses = _run_analyses(config, state, folder, outcome, tracking_uri, ray_address)
     except BaseException:
         state["status"] = "interrupted"
         state["wall_s"] = float(state.get("wall_s", 0.0)) + time.perf_counter() - started
@@ -614,6 +617,36 @@ def _final_checkpoint(config: SweepConfig, key: str, trial_id: str) -> Path:
     if trial is None or trial.checkpoint is None:
         raise RuntimeError(f"seed run {trial_id} of {key} left no checkpoint")
     return Path(trial.checkpoint.to_directory())
+
+
+def _run_analyses(
+    config: SweepConfig,
+    state: dict[str, Any],
+    folder: Path,
+    outcome: SweepOutcome,
+    tracking_uri: str,
+    ray_address: str | None,
+) -> dict[str, Any]:
+    """The paper's analyses from this sweep's generators, each a child run of the parent; a
+    failing one is recorded as failed and the others go on; finished ones are not redone on
+    ``--resume`` (their status lives in the sweep state)."""
+    from clusterattack.analyses.suite import SweepAnalysisRequest, run_sweep_analyses
+    from clusterattack.tuning.targets import data_uri
+
+    request = SweepAnalysisRequest(
+        sweep=config.experiment, parent_run_id=outcome.parent_run_id, tracking_uri=tracking_uri,
+        rows=outcome.table1, table2=outcome.table2,
+        data_uris={d: data_uri(config, d) for d in {r["dataset"] for r in outcome.table1}},
+        eval_limit=config.eval_limit, seed=config.seed, analyses=config.analyses, preset=config.preset_name,
+        cpus_per_task=config.cpus_per_trial, gpus_per_task=config.gpus_per_trial, device=config.attack.device,
+        victim_preset=config.victim_preset, ray_address=ray_address,
+        state=state, persist=lambda: _write_state(folder, state),
+    )  # fmt: skip
+    statuses = run_sweep_analyses(request)
+    failed = [name for name, status in statuses.items() if status.status == "FAILED"]
+    if failed:
+        log.warning("analyses that failed (the others stand): %s", ", ".join(sorted(failed)))
+    return statuses
 
 
 def _finish(config: SweepConfig, state: dict[str, Any], folder: Path, recorder: Any, outcome: SweepOutcome) -> None:
