@@ -32,7 +32,7 @@ lint: setup
 
 # docs/results.md and the README's headline table, from the records in docs/results/*.json.
 results: setup
-	$(PY) -m clusterattack.reports.records
+	$(PY) jobs/results.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,8 +1,11 @@
-"""The record library: schema validation, write_record, rendering, the block replacement and the CLI."""
+"""The record library: schema validation, write_record, rendering, the block replacement; and the
+job that regenerates the pages (``jobs/results.py``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +17,6 @@ from clusterattack.reports.records import (
     format_value,
     load_record,
     load_records,
-    main,
     mean_std,
     render_headline,
     render_results_page,
@@ -22,6 +24,16 @@ from clusterattack.reports.records import (
     validate_record,
     write_record,
 )
+
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "results.py"
+
+
+def _results_job():
+    spec = importlib.util.spec_from_file_location("results_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 PROVENANCE = {
     "command": "python jobs/attack.py --victim victim-cc-fashion_mnist --dataset fashion_mnist",
@@ -196,6 +208,7 @@ def test_replace_block():
 
 
 def test_cli_check_and_write(tmp_path, capsys):
+    main = _results_job().main
     results = tmp_path / "results"
     write_record("new", [attack_row()], PROVENANCE, title="New table", folder=results, headline=True)
     readme = tmp_path / "README.md"
