@@ -1,8 +1,9 @@
 """Victims served as budgeted black boxes on Ray Serve, and the client attacks query them.
 
-``deployment`` builds the Serve application of a victim from a ``config.ServeConfig``,
-``ledger`` keeps the budgets and ``ledger_actor`` serves it to every replica, ``detection``
-fingerprints queries and ``detector`` flags or blocks keys whose queries repeat, ``schema``
+``deployment`` is the Serve application of a victim (built from a ``config.ServeConfig``,
+deployed and launched by ``launch``), ``ledger`` keeps the budgets and ``ledger_actor`` serves
+it to every replica, ``detection`` fingerprints queries and ``detector`` flags or blocks keys
+whose queries repeat (its state and sqlite file: ``detector_state``), ``schema``
 checks requests and ``http_models`` documents them, ``client.ServedVictim`` is the Victim
 over a handle or HTTP, ``errors`` holds the typed outcomes, ``metrics`` exports counters
 for Prometheus.
@@ -18,13 +19,13 @@ from typing import Any
 _EXPORTS = {
     "ServedVictim": "client",
     "AutoscalingSpec": "config",
-    "KeySpec": "deployment",
+    "KeySpec": "launch",
     "ServeConfig": "config",
     "DetectionConfig": "detection",
-    "build_victim_app": "deployment",
-    "deploy_victim": "deployment",
-    "launch_victims": "deployment",
-    "start_serve": "deployment",
+    "build_victim_app": "launch",
+    "deploy_victim": "launch",
+    "launch_victims": "launch",
+    "start_serve": "launch",
     "BadRequest": "errors",
     "BudgetExceeded": "errors",
     "Forbidden": "errors",
