@@ -207,7 +207,14 @@ def compare(
 
 
 def ratios(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per victim: generator-surrogate NMI drop / best baseline drop at no more image-queries."""
+    """Per victim: generator-surrogate NMI drop / best baseline drop at no more image-queries.
+
+    The choice at equal total image-queries over the test images and the payback arithmetic are
+    :mod:`clusterattack.analyses.baselines`' (``summarise`` with the test images as the split,
+    ``payback_images``); when no baseline ran that cheaply the cheapest runs stand in, said in ``note``.
+    """
+    from clusterattack.analyses.baselines import payback_images, summarise
+
     out: dict[str, dict[str, Any]] = {}
     for victim in dict.fromkeys(r["victim"] for r in rows):
         mine = [r for r in rows if r["victim"] == victim]
@@ -215,24 +222,32 @@ def ratios(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         base = [r for r in mine if r["kind"] == "baseline" and r["image_queries"] is not None]
         if gen is None or not base:
             continue
-        within = [r for r in base if r["image_queries"] <= gen["image_queries"]]
+        runs = [{"method": r["method"], "budget": r["budget"], "queries_per_image": r["queries_per_new_image"],
+                 "nmi_drop": r["nmi_drop"]} for r in base]  # fmt: skip
+        equal = summarise(gen["nmi_drop"], gen["image_queries"], _test_images(mine), runs)
         note = "baselines at <= the generator's image-queries"
-        if not within:
+        if equal["best_baseline_equal_total"] is not None:
+            best = next(r for r in base if f"{r['method']}@{r['budget']}" == equal["best_baseline_equal_total"])
+        else:
             # No baseline ran that cheaply: compare with the cheapest runs, and say so.
             cheapest = min(r["image_queries"] for r in base)
-            within = [r for r in base if r["image_queries"] == cheapest]
+            best = max((r for r in base if r["image_queries"] == cheapest), key=lambda r: r["nmi_drop"])
             note = "every baseline spent more image-queries than the generator; cheapest shown"
-        best = max(within, key=lambda r: r["nmi_drop"])
         ratio = gen["nmi_drop"] / best["nmi_drop"] if best["nmi_drop"] > 0 else math.inf
         # Images after which the generator's one-off training queries cost less than that
         # baseline spends attacking them one by one.
-        per_image = best["queries_per_new_image"]
-        break_even = math.ceil(gen["image_queries"] / per_image) if per_image else math.inf
+        break_even = payback_images(gen["image_queries"], best["queries_per_new_image"] or 0)
         out[victim] = {"generator_drop": gen["nmi_drop"], "generator_queries": gen["image_queries"],
                        "baseline": f"{best['method']}@{best['budget']}", "baseline_drop": best["nmi_drop"],
                        "baseline_queries": best["image_queries"], "ratio": ratio,
-                       "break_even_images": break_even, "note": note}  # fmt: skip
+                       "break_even_images": math.inf if break_even is None else break_even,
+                       "note": note}  # fmt: skip
     return out
+
+
+def _test_images(rows: Sequence[dict[str, Any]]) -> int:
+    """The test images of one victim's rows: a row's image-queries over its queries per test image."""
+    return next((round(r["image_queries"] / r["queries_per_test_image"]) for r in rows if r["image_queries"]), 1)
 
 
 COLUMNS = ("victim", "method", "budget", "image_queries", "queries_per_new_image", "nmi_pre", "nmi_post",
