@@ -32,7 +32,7 @@ def test_a_victim_spec_is_served_and_swept_like_a_zoo_victim(ray_session, tmp_pa
     table2 = pd.read_parquet(outcome.tables[TABLE2]["parquet"]).to_dict("records")
     (row,) = table1
     # Named by its spec, versioned by a digest of it; nothing was trained or registered for it.
-    assert row["model"] == "sklearn_digits.build" and row["victim"] == SPEC
+    assert row["model"] == "sklearn_digits_build" and row["victim"] == SPEC
     assert row["victim_version"].startswith("sha256:")
     assert 0.0 <= row["nmi_post"] <= 1.0 and row["nmi_pre"] > 0.5  # the GMM clusters the digits
     assert table2[0]["image_queries"] > 0 and table2[0]["selection_image_queries"] > 0
@@ -40,7 +40,7 @@ def test_a_victim_spec_is_served_and_swept_like_a_zoo_victim(ray_session, tmp_pa
     assert not client.search_registered_models(filter_string="name LIKE 'victim-%'")
     _, children = sweep_runs(client, "own")
     assert {c.data.params["victim"] for c in children} == {SPEC}
-    assert outcome.generators == {"sklearn_digits.build-digits-surrogate-eps0.2": "generator-sklearn_digits.build-digits/1"}
+    assert outcome.generators == {"sklearn_digits_build-digits-surrogate-eps0.2": "generator-sklearn_digits_build-digits/1"}
 
 
 def test_a_decision_only_spec_is_refused_before_any_trial(tmp_path):
@@ -54,7 +54,7 @@ def test_a_decision_only_spec_is_refused_before_any_trial(tmp_path):
 def test_targets_take_specs_and_refuse_what_is_neither(tmp_path):
     from clusterattack.tuning.config import SweepConfig, target_name
 
-    assert target_name("cc") == "cc" and target_name(SPEC) == "sklearn_digits.build"
+    assert target_name("cc") == "cc" and target_name(SPEC) == "sklearn_digits_build"
     assert target_name("onnx:models/my model.onnx") == "my_model"
     with pytest.raises(ValueError, match="must be a zoo model"):
         SweepConfig.preset("tiny", targets=(("victim-cc-digits", "digits"),))
