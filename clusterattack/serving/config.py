@@ -52,6 +52,7 @@ class ServeConfig:
     max_request_bytes: int = 16 * 1024 * 1024
     max_ongoing_requests: int = 16
     max_queued_requests: int = -1
+    access_log: bool = True  # a log line per request (the sweep's thousands of calls leave it off)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -87,6 +88,8 @@ class ServeConfig:
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
         }
+        if not self.access_log:
+            options["logging_config"] = {"enable_access_log": False}
         if self.autoscaling is None:
             options["num_replicas"] = self.num_replicas
         else:

@@ -136,6 +136,8 @@ def serve_victim(config: SweepConfig, name: str, module: Any, ledger: Any) -> No
         torch_threads=1 if config.replica_gpus == 0 else None,
         max_batch_size=256,
         max_ongoing_requests=32,
+        # Trials make thousands of calls: a log line each would bury the sweep's own output.
+        access_log=False,
     )
     deploy_victim(module, name=name, config=serve_config, ledger=ledger)
     log.info("victim app %s deployed", name)

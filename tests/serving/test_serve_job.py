@@ -44,3 +44,10 @@ def test_detection_is_a_policy_of_the_job():
     assert parse_args(["--victim", "cc/mnist", "--detection", "block"]).detection == "block"
     with pytest.raises(SystemExit):
         parse_args(["--victim", "cc/mnist", "--detection", "alarm"])
+
+
+def test_access_log_is_on_unless_the_config_turns_it_off():
+    from clusterattack.serving.config import ServeConfig
+
+    assert "logging_config" not in ServeConfig().deployment_options()
+    assert ServeConfig(access_log=False).deployment_options()["logging_config"] == {"enable_access_log": False}
