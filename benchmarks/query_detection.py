@@ -40,7 +40,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -618,13 +617,9 @@ def figure(results: dict[str, Any], path: Path, title: str) -> None:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} CPUs (torch threads {torch.get_num_threads()})"
+    from clusterattack.reports.records import machine_description
+
+    return machine_description()
 
 
 def provenance(argv: list[str] | None, wall_s: float) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from clusterattack.reports.records.files import (
     code_provenance,
     load_record,
     load_records,
+    machine_description,
     mean_std,
     write_record,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "Record",
     "RecordError",
     "code_provenance",
+    "machine_description",
     "format_value",
     "load_record",
     "load_records",

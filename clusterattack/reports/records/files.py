@@ -24,6 +24,7 @@ __all__ = [
     "REPO_ROOT",
     "RESULTS_DIR",
     "code_provenance",
+    "machine_description",
     "load_record",
     "load_records",
     "mean_std",
@@ -65,6 +66,27 @@ def mean_std(values: Iterable[float]) -> dict[str, float | int]:
         raise ValueError(f"mean_std needs finite values, got {values!r}")
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def machine_description(threads: int | None = None) -> str:
+    """The machine a figure was measured on: CPU model and count (and torch threads), or the GPU."""
+    import contextlib
+    import os
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} ({torch.cuda.device_count()} GPU), {os.cpu_count()} CPUs"
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    used = threads if threads is not None else torch.get_num_threads()
+    return f"{model}, {os.cpu_count()} CPUs (torch threads {used}), no GPU"
 
 
 def code_provenance(tags: Mapping[str, str]) -> dict[str, Any]:
