@@ -153,14 +153,11 @@ def test_grid_is_geometric_for_log_dimensions_and_covers_every_combination():
 
 
 def test_train_pool_covers_the_surrogate_distillation_and_the_hold_out():
-    config = SweepConfig.preset("demo")
-    # 4,000 distilled memberships (more than the generator's 2,000) and 1,000 held out.
-    assert (config.attack.surrogate.distill_queries, config.attack.select_images) == (4_000, 1_000)
-    assert config.train_pool == 5_000
-    estimate = SweepConfig.preset("demo", gradient_source="estimate")
-    assert estimate.train_pool == 3_000
-    both = SweepConfig.preset("demo", gradient_sources=("estimate", "surrogate"))
-    assert both.train_pool == 5_000
+    sizes = {"train_limit": 100, "surrogate.distill_queries": 300, "select_images": 50}
+    # 300 distilled memberships (more than the generator's 100 images) and 50 held out.
+    assert SweepConfig.preset("tiny", **sizes).train_pool == 350
+    assert SweepConfig.preset("tiny", gradient_source="estimate", **sizes).train_pool == 150
+    assert SweepConfig.preset("tiny", gradient_sources=("estimate", "surrogate"), **sizes).train_pool == 350
 
 
 def test_the_l2_norm_gets_l2_radii_unless_some_are_given():
