@@ -116,6 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="where data sets are stored as Parquet (default: data/parquet)")
     p.add_argument("--serve-port", type=int, default=None, help="Ray Serve HTTP port (default: 8000)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--record", default=None, metavar="NAME",
+        help="write the finished sweep's Tables 1 and 2 as docs/results/NAME.json (a results record with its "
+        "provenance; then `make results` regenerates docs/results.md)",
+    )
+    p.add_argument("--record-headline", action="store_true", help="mark that record as the README's headline")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (latest one, or --experiment)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--quiet", action="store_true", help="warnings only")
@@ -288,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
               f"--storage {config.storage}", file=sys.stderr)
         return 130
     report(outcome)
+    if args.record and not outcome.interrupted:
+        from clusterattack.tuning.export import export_sweep_record
+
+        print(f"record: {export_sweep_record(outcome, args.record, headline=args.record_headline)}")
     return 130 if outcome.interrupted else 0
 
 

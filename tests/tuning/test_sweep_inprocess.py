@@ -310,3 +310,22 @@ def test_a_trial_that_runs_out_of_budget_inside_tune_is_recorded_as_such(swept):
     assert len(table1) == 1 and 0.0 <= table1["nmi_post"].iloc[0] <= 1.0
     assert table2["image_queries"].iloc[0] <= budget and table2["budget"].iloc[0] == budget
     assert finals[0].data.metrics["selected_epoch"] in (1.0, 2.0)
+
+
+def test_the_sweep_exports_its_tables_as_a_results_record(swept, tmp_path):
+    from clusterattack.reports.records import load_record, render_table
+    from clusterattack.tuning.export import export_sweep_record
+
+    tmp, configs, outcomes, _ = swept
+    path = export_sweep_record(outcomes["main"], "sweep-main", folder=tmp_path)
+    record = load_record(path)  # validated against the schema: full provenance, stats over seeds
+    assert record.provenance == "full" and len(record.rows) == 2
+    common = record.common
+    assert common["sweep"] == "main" and len(common["commit"]) == 40 and isinstance(common["dirty"], bool)
+    assert "CPUs" in common["machine"] or "GPU" in common["machine"]
+    for row, table_row in zip(record.rows, outcomes["main"].table1, strict=True):
+        assert (row["eps"], row["selection"], row["recipe"], row["seeds"]) == (table_row["eps"], "label_free", "strong", [1, 2])
+        assert row["metrics"]["nmi_drop"]["n"] == 2
+        assert row["metrics"]["nmi_post"]["mean"] == pytest.approx(table_row["nmi_post"])
+        assert row["calls_256"] == -(-row["image_queries"] // 256)
+    assert "label_free" in render_table(record)
