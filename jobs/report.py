@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="KINDS",
         help="first run these analyses on the sweep's generators ('all' or comma-separated: breakdown, "
-        "norm_curves, transfer, detection, pca, retraining, baselines), as child runs of its parent",
+        "norm_curves, transfer, detection, pca, retraining, baselines, query_detection: only for a sweep that "
+        "asked for it, whose detector state is in its folder here), as child runs of its parent",
     )
     p.add_argument("--cpus", type=float, default=None, help="CPUs per analysis task (default: the sweep's per trial)")
     p.add_argument(

@@ -86,8 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--analyses", default=None, metavar="all|none|A,B",
         help="the paper's analyses after the seed runs, from this sweep's generators, each a child run: "
-        "breakdown, norm_curves, transfer, detection, pca, retraining, baselines (default: the preset's; "
-        "paper all, demo all but norm_curves and retraining, tiny none)",
+        "breakdown, norm_curves, transfer, detection (SSD), pca, retraining, baselines, query_detection (what "
+        "the stateful query detector saw of each trial's key; turns detection on in flag mode on the sweep's "
+        "deployments) (default: the preset's; paper all, demo breakdown, transfer, detection, pca, baselines; "
+        "tiny none)",
     )
     p.add_argument(
         "--space",

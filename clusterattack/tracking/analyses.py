@@ -43,12 +43,15 @@ __all__ = [
     "set_parent_tags",
     "start_analysis_run",
     "sweep_analysis_runs",
+    "sweep_trial_runs",
 ]
 
 log = logging.getLogger(__name__)
 
 ANALYSIS_EXPERIMENT = "analyses"
-ANALYSIS_KINDS = ("breakdown", "norm_curves", "transfer", "detection", "pca", "retraining", "baselines")
+ANALYSIS_KINDS = (
+    "breakdown", "norm_curves", "transfer", "detection", "pca", "retraining", "baselines", "query_detection",
+)  # fmt: skip
 TAG_ANALYSIS = "clusterattack.analysis"
 TAG_DATASET = "clusterattack.dataset"
 GENERATOR_ARTIFACT = "generator/generator.pt"
@@ -254,6 +257,22 @@ def sweep_analysis_runs(parent_run_id: str) -> dict[str, Any]:
         if kind in ANALYSIS_KINDS:
             out.setdefault(kind, run)
     return out
+
+
+def sweep_trial_runs(parent_run_id: str) -> list[dict[str, Any]]:
+    """Every search trial and seed run under a sweep's parent run: ``trial_id``, ``run_id``, ``tags``, ``metrics``."""
+    configure()
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=10_000
+    )
+    return [
+        {"trial_id": r.data.tags["trial_id"], "run_id": r.info.run_id, "tags": dict(r.data.tags),
+         "metrics": dict(r.data.metrics)}
+        for r in runs
+        if r.data.tags.get("trial_id") and r.data.tags.get("phase") != "analysis"
+    ]  # fmt: skip
 
 
 def read_analysis(run_id: str, kind: str) -> dict[str, Any]:

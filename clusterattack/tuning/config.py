@@ -142,7 +142,8 @@ class SweepConfig:
         skip_missing_datasets: skip targets whose data set is not on disk instead of failing.
         analyses: the paper's analyses run after the seed runs, from this sweep's generators,
             each a child run of the parent (``clusterattack.analyses.suite.ANALYSES``; ``paper``
-            runs all, ``demo`` what fits its time, ``tiny`` none).
+            runs all, ``demo`` what fits its time, ``tiny`` none). ``query_detection`` also
+            turns query detection on, in ``flag`` mode, on the sweep's own deployments.
     """
 
     preset_name: str = "demo"

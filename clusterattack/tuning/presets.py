@@ -107,7 +107,9 @@ def _paper() -> SweepConfig:
         replica_gpus=0.25,
         object_store_mb=4096,
         skip_missing_datasets=True,
-        analyses=("breakdown", "norm_curves", "transfer", "detection", "pca", "retraining", "baselines"),
+        analyses=(
+            "breakdown", "norm_curves", "transfer", "detection", "pca", "retraining", "baselines", "query_detection",
+        ),  # fmt: skip
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from clusterattack.tuning.config import SweepConfig
 
 __all__ = [
+    "LEDGER_FILE",
     "STATE_FILE",
     "app_suffix",
     "find_resumable",
@@ -21,6 +22,8 @@ __all__ = [
 ]
 
 STATE_FILE = "sweep_state.json"
+#: The budget ledger of the sweep's keys, in its folder (query detection's file lies beside it).
+LEDGER_FILE = "ledger.sqlite"
 
 
 def _is_uri(path: str) -> bool:

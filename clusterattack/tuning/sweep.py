@@ -38,6 +38,7 @@ from clusterattack.tuning.experiments import (
     trial_trainable,
 )
 from clusterattack.tuning.state import (
+    LEDGER_FILE,
     STATE_FILE,
     app_suffix,
     find_resumable,
@@ -48,6 +49,7 @@ from clusterattack.tuning.state import (
 )
 
 __all__ = [
+    "EVALUATOR_KEY_NAME",
     "STATE_FILE",
     "SweepOutcome",
     "app_suffix",
@@ -65,6 +67,8 @@ log = logging.getLogger(__name__)
 
 #: Image-queries of the evaluator key: scoring is not the attack's spend, so it is not capped.
 EVALUATOR_BUDGET = 10**15
+#: The ledger's name of the evaluator key (the experimenter's scoring of seed runs).
+EVALUATOR_KEY_NAME = "sweep-evaluator"
 
 
 @dataclass
@@ -191,6 +195,7 @@ def _run_targets(
     from clusterattack.data import DatasetNotFound
     from clusterattack.serving import LedgerAdmin, LedgerConfig
     from clusterattack.serving.deployment import start_serve
+    from clusterattack.serving.detector import kill_detector
     from clusterattack.serving.ledger_actor import kill_ledger
     from clusterattack.tuning.targets import prepare_target
     from clusterattack.tuning.trainable import derive_api_key, ensure_key
@@ -199,12 +204,12 @@ def _run_targets(
     if not serve_was_running:
         start_serve(config.serve_host, config.serve_port)
     ledger = LedgerConfig(
-        db_path=str(folder / "ledger.sqlite"),
+        db_path=str(folder / LEDGER_FILE),
         actor_name=f"clusterattack-ledger-{app_suffix(config.experiment)}",
     )
     admin = LedgerAdmin(ledger)
     evaluator_key = derive_api_key(state["secret"], "evaluator")
-    ensure_key(admin, "sweep-evaluator", evaluator_key, EVALUATOR_BUDGET)
+    ensure_key(admin, EVALUATOR_KEY_NAME, evaluator_key, EVALUATOR_BUDGET)
     apps: list[str] = []
     experiments = state.setdefault("experiments", {})
     try:
@@ -242,6 +247,8 @@ def _run_targets(
         if not serve_was_running:
             serve.shutdown()
         kill_ledger(ledger)
+        # Its state stays on disk, where the query_detection analysis reads it back.
+        kill_detector(ledger)
 
 
 def _collect(outcome: SweepOutcome, done: dict[str, Any]) -> None:
@@ -261,16 +268,26 @@ def _run_analyses(
     """The paper's analyses from this sweep's generators, each a child run of the parent; a
     failing one is recorded as failed and the others go on; finished ones are not redone on
     ``--resume`` (their status lives in the sweep state)."""
-    from clusterattack.analyses.suite import SweepAnalysisRequest, run_sweep_analyses
-    from clusterattack.tuning.targets import data_uri
+    from clusterattack.analyses.suite import (
+        SweepAnalysisRequest,
+        read_detector_state,
+        run_sweep_analyses,
+    )
+    from clusterattack.tuning.targets import data_uri, sweep_detection
 
+    # What the detector saw of each key, read here: the sqlite files lie in this machine's sweep folder.
+    detector = (
+        read_detector_state(folder / LEDGER_FILE, sweep_detection(config))
+        if "query_detection" in config.analyses
+        else None
+    )
     request = SweepAnalysisRequest(
         sweep=config.experiment, parent_run_id=outcome.parent_run_id, tracking_uri=tracking_uri,
         rows=outcome.table1, table2=outcome.table2,
         data_uris={d: data_uri(config, d) for d in {r["dataset"] for r in outcome.table1}},
         eval_limit=config.eval_limit, seed=config.seed, analyses=config.analyses, preset=config.preset_name,
         cpus_per_task=config.cpus_per_trial, gpus_per_task=config.gpus_per_trial, device=config.attack.device,
-        victim_preset=config.victim_preset, ray_address=ray_address,
+        victim_preset=config.victim_preset, ray_address=ray_address, detector=detector,
         state=state, persist=lambda: write_state(folder, state),
     )  # fmt: skip
     statuses = run_sweep_analyses(request)

@@ -12,7 +12,9 @@ import numpy as np
 
 from clusterattack.tuning.config import SweepConfig, target_name
 
-__all__ = ["PreparedTarget", "app_name", "data_uri", "ensure_victim", "load_target_data", "serve_victim"]
+__all__ = [
+    "PreparedTarget", "app_name", "data_uri", "ensure_victim", "load_target_data", "serve_victim", "sweep_detection",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +123,18 @@ def own_victim(spec: str, data: Any) -> tuple[Any, str]:
     return factory, "sha256:" + hashlib.sha256(payload).hexdigest()[:12]
 
 
+def sweep_detection(config: SweepConfig) -> Any:
+    """The query detection of the sweep's deployments (a ``DetectionConfig``): ``flag`` when the
+    ``query_detection`` analysis is asked (every query screened and recorded, answers unchanged,
+    so the attack is the same), else ``off``."""
+    from clusterattack.serving.detection import DetectionConfig
+
+    return DetectionConfig(policy="flag" if "query_detection" in config.analyses else "off")
+
+
 def serve_victim(config: SweepConfig, name: str, module: Any, ledger: Any) -> None:
     """Deploy ``module`` (a model, or a factory of one) as Serve application ``name`` (scores
-    mode) with the sweep's budget ledger."""
+    mode) with the sweep's budget ledger and query detection (:func:`sweep_detection`)."""
     from clusterattack.serving import ServeConfig, deploy_victim
 
     serve_config = ServeConfig(
@@ -139,8 +150,9 @@ def serve_victim(config: SweepConfig, name: str, module: Any, ledger: Any) -> No
         # Trials make thousands of calls: a log line each would bury the sweep's own output.
         access_log=False,
     )
-    deploy_victim(module, name=name, config=serve_config, ledger=ledger)
-    log.info("victim app %s deployed", name)
+    detection = sweep_detection(config)
+    deploy_victim(module, name=name, config=serve_config, ledger=ledger, detection=detection)
+    log.info("victim app %s deployed (query detection %s)", name, detection.policy)
 
 
 def prepare_target(

@@ -48,6 +48,7 @@ __all__ = [
     "attack_trainable",
     "derive_api_key",
     "ensure_key",
+    "trial_key_name",
     "trial_params",
 ]
 
@@ -127,6 +128,11 @@ def derive_api_key(secret: str, name: str) -> str:
     return "ca_" + hmac.new(secret.encode(), name.encode(), hashlib.sha256).hexdigest()[:40]
 
 
+def trial_key_name(trial_id: str) -> str:
+    """The ledger's name of a trial's key (what query detection and the ledger list it by)."""
+    return f"trial-{trial_id}"[:64]
+
+
 def ensure_key(admin: Any, name: str, api_key: str, budget: int) -> None:
     """Create the key with ``budget`` image-queries, or keep the existing one as it is.
 
@@ -188,7 +194,7 @@ def attack_trainable(config: dict[str, Any], context: TrialContext) -> None:
         log.info("trial %s restarts at epoch %d (restart %d)", trial_id, int(resume["epoch"]) + 1, restarts)
 
     api_key = derive_api_key(context.key_secret, trial_id)
-    ensure_key(LedgerAdmin(context.ledger), f"trial-{trial_id}", api_key, context.budget)
+    ensure_key(LedgerAdmin(context.ledger), trial_key_name(trial_id), api_key, context.budget)
     victim = ServedVictim(context.app_name, api_key, device="cpu")
     scorer = None
     test_x = test_y = clean_test = None

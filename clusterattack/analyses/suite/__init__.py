@@ -13,24 +13,30 @@ redo finished ones.
 
 The analyses, and their items:
 
-============  =============================================================================
-breakdown     every row: confusion matrices before/after and the cluster sizes on the sweep's
-              test subset (Fig. 2), with the Fig. 1 image grid
-norm_curves   every (data set, gradient source): NMI/ARI/ACC against an eps list, a generator
-              trained per (victim, eps) with the sweep's chosen configuration of the nearest
-              eps, black-box and white-box (the reference) side by side (Fig. 3)
-transfer      every (data set, gradient source, eps): the matrix of the sweep's generators
-              applied to each of the data set's victims (Fig. 4)
-detection     every row: SSD detection, each test image perturbed with probability 1/2, over
-              trials (section 6.2)
-pca           every row: the first three principal components of clean and perturbed test
-              images and their overlap (Fig. 5b)
-retraining    every victim: retrained on images of all its generators, then scored clean,
-              under those generators and under a fresh attack (footnote 12)
-baselines     every (victim, gradient source) at its headline eps (nearest 0.1): the generator
-              against NES, SPSA and Square at equal total image-queries over the whole test
-              split (Appendix E; :mod:`clusterattack.analyses.baselines`)
-============  =============================================================================
+===============  =============================================================================
+breakdown        every row: confusion matrices before/after and the cluster sizes on the sweep's
+                 test subset (Fig. 2), with the Fig. 1 image grid
+norm_curves      every (data set, gradient source): NMI/ARI/ACC against an eps list, a generator
+                 trained per (victim, eps) with the sweep's chosen configuration of the nearest
+                 eps, black-box and white-box (the reference) side by side (Fig. 3)
+transfer         every (data set, gradient source, eps): the matrix of the sweep's generators
+                 applied to each of the data set's victims (Fig. 4)
+detection        every row: SSD detection, each test image perturbed with probability 1/2, over
+                 trials (section 6.2)
+pca              every row: the first three principal components of clean and perturbed test
+                 images and their overlap (Fig. 5b)
+retraining       every victim: retrained on images of all its generators, then scored clean,
+                 under those generators and under a fresh attack (footnote 12)
+baselines        every (victim, gradient source) at its headline eps (nearest 0.1): the generator
+                 against NES, SPSA and Square at equal total image-queries over the whole test
+                 split (Appendix E; :mod:`clusterattack.analyses.baselines`)
+query_detection  every (model, data set, gradient source), and the evaluator key: what the
+                 stateful query detector (Blacklight-style, ``serving.detector``) saw of each
+                 search trial's and seed run's key: flagged or not, queries to the flag, matched
+                 fraction, images screened and charged. Asking for it turns detection on in
+                 ``flag`` mode on the sweep's own deployments (answers unchanged); not in the
+                 demo's list (:mod:`~clusterattack.analyses.suite.query_detection`)
+===============  =============================================================================
 
 Sizes (:class:`AnalysisSizes`, chosen by the sweep's preset; the test subset is always the
 sweep's own, ``eval_limit`` images seeded by ``seed``):
@@ -54,7 +60,8 @@ retraining epoch on 10,000 images, and baselines on the 1,000 test images (their
 image extrapolated over the 10,000 of the split). Fit/hold-out images of the detector are
 cut to what the training split holds (STL-10's 5,000).
 
-Cost: all seven take about 35 s for the tiny sweep (2 busy cores). In the demo each norm-curve
+``query_detection`` has no sizes: it reads what the sweep's own queries left. Cost: the
+other seven take about 35 s for the tiny sweep (2 busy cores). In the demo each norm-curve
 point trains a generator with the sweep's settings (measured on one busy core against CC on
 Fashion-MNIST: 56 s white-box, 84 s surrogate), so norm curves take about 14 minutes for CC
 and SCAN in one task and bound the wall time; retraining takes about 7 (two fresh attacks per
@@ -66,11 +73,12 @@ Modules, by role: ``request`` (the names, :class:`SweepAnalysisRequest`,
 the presets above), ``rows`` (Table 1 rows: grouping, tags, provenance), ``task`` (what one
 task loads and what it logs), one module per analysis runner (``breakdown``,
 ``norm_curves``, ``transfer``, ``defenses`` for detection, PCA and retraining,
-``baselines``), and ``driver`` (:func:`run_analysis`, the body of a task, and
+``baselines``, ``query_detection``), and ``driver`` (:func:`run_analysis`, the body of a task, and
 :func:`run_sweep_analyses`).
 """
 
 from clusterattack.analyses.suite.driver import run_analysis, run_sweep_analyses
+from clusterattack.analyses.suite.query_detection import read_detector_state
 from clusterattack.analyses.suite.request import (
     ANALYSES,
     ROW_KEYS,
@@ -90,6 +98,7 @@ __all__ = [
     "AnalysisStatus",
     "SweepAnalysisRequest",
     "parse_analyses",
+    "read_detector_state",
     "request_from_sweep",
     "run_analysis",
     "run_sweep_analyses",

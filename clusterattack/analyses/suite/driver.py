@@ -15,6 +15,7 @@ from clusterattack.analyses.suite.baselines import _baselines
 from clusterattack.analyses.suite.breakdown import _breakdown
 from clusterattack.analyses.suite.defenses import _detection, _pca, _retraining
 from clusterattack.analyses.suite.norm_curves import _norm_curves
+from clusterattack.analyses.suite.query_detection import _query_detection
 from clusterattack.analyses.suite.request import ANALYSES, AnalysisStatus, SweepAnalysisRequest
 from clusterattack.analyses.suite.rows import _run_tags
 from clusterattack.analyses.suite.task import _Loader, _Outcome
@@ -25,7 +26,7 @@ __all__ = ["run_analysis", "run_sweep_analyses"]
 log = logging.getLogger(__name__)
 
 #: The order tasks are submitted in: the longest first, so that they do not finish last alone.
-_ORDER = ("norm_curves", "retraining", "baselines", "detection", "transfer", "pca", "breakdown")
+_ORDER = ("norm_curves", "retraining", "baselines", "detection", "transfer", "pca", "breakdown", "query_detection")
 
 
 _ANALYSES: dict[str, Callable[[SweepAnalysisRequest, _Loader, Path, _Outcome], None]] = {
@@ -36,6 +37,7 @@ _ANALYSES: dict[str, Callable[[SweepAnalysisRequest, _Loader, Path, _Outcome], N
     "pca": _pca,
     "retraining": _retraining,
     "baselines": _baselines,
+    "query_detection": _query_detection,
 }
 
 
@@ -116,7 +118,10 @@ def run_sweep_analyses(request: SweepAnalysisRequest) -> dict[str, AnalysisStatu
     tags = _run_tags(request)
     params = {f"size.{k}": v for k, v in request.sizes.to_dict().items()}
     for name in todo:
-        run_id = start_analysis_run(request.parent_run_id, name, tags, params, run_name=f"{request.sweep}-{name}")
+        own = params
+        if name == "query_detection" and request.detector:
+            own = {**params, **{f"detector.{k}": v for k, v in dict(request.detector["detector"]).items()}}
+        run_id = start_analysis_run(request.parent_run_id, name, tags, own, run_name=f"{request.sweep}-{name}")
         record[name] = {"status": "RUNNING", "run_id": run_id}
     save()
 

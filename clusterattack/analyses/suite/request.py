@@ -22,7 +22,9 @@ __all__ = [
     "request_from_sweep",
 ]
 
-ANALYSES = ("breakdown", "norm_curves", "transfer", "detection", "pca", "retraining", "baselines")
+ANALYSES = (
+    "breakdown", "norm_curves", "transfer", "detection", "pca", "retraining", "baselines", "query_detection",
+)  # fmt: skip
 ROW_KEYS = (
     "model", "dataset", "victim", "victim_version", "gradient_source", "norm", "eps", "selection", "seeds",
     "generator",
@@ -62,6 +64,10 @@ class SweepAnalysisRequest:
     ``device`` ("cpu", or "cuda" with ``gpus_per_task`` > 0) where the analyses that train
     generators (norm curves, the fresh attack of retraining) train them; the rest runs on CPU.
     ``use_ray`` False runs the analyses one after another in this process (debugging).
+    ``detector`` is what the sweep's query detector recorded of its keys
+    (:func:`~clusterattack.analyses.suite.query_detection.read_detector_state`), read where the
+    sweep's folder is; None when its deployments ran without detection (``query_detection``
+    then fails, saying so).
     """
 
     sweep: str
@@ -81,6 +87,7 @@ class SweepAnalysisRequest:
     victim_preset: str = "demo"
     ray_address: str | None = None
     use_ray: bool = True
+    detector: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     state: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     persist: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
@@ -114,6 +121,13 @@ class SweepAnalysisRequest:
             raise ValueError(
                 f"device {self.device!r} and gpus_per_task {self.gpus_per_task!r} disagree: a task trains on "
                 "cuda only when Ray gives it a GPU (gpus_per_task > 0), and a GPU given to a cpu task sits idle"
+            )
+        if self.detector is not None and not (
+            isinstance(self.detector, Mapping) and "keys" in self.detector and "detector" in self.detector
+        ):
+            raise ValueError(
+                "detector must be None or read_detector_state's mapping (with 'detector' and 'keys'), got "
+                f"{type(self.detector).__name__}"
             )
         if self.sizes is None:
             object.__setattr__(self, "sizes", AnalysisSizes.preset(self.preset))
@@ -156,7 +170,9 @@ def request_from_sweep(
     """The request of a finished sweep, read back from its parent run (tables and ``sweep_config.json``).
 
     For analyses added to a sweep after it ran (``jobs/report.py --run-analyses``);
-    ``overrides`` replace request fields (``sizes``, ``cpus_per_task`` ...).
+    ``overrides`` replace request fields (``sizes``, ``cpus_per_task`` ...). For
+    ``query_detection`` the detector state is read from the sweep's folder on this machine
+    (there only when the sweep asked for it from the start, which turned detection on).
     """
     import os
 
@@ -183,5 +199,24 @@ def request_from_sweep(
         "analyses": parse_analyses(analyses), "preset": str(config.get("preset_name", "demo")),
         "cpus_per_task": float(config.get("cpus_per_trial", 1.0)), "victim_preset": str(config.get("victim_preset", "demo")),
     }  # fmt: skip
+    if "query_detection" in fields["analyses"] and "detector" not in overrides:
+        fields["detector"] = _sweep_detector(config)
     fields.update(overrides)
     return SweepAnalysisRequest(**fields)
+
+
+def _sweep_detector(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The detector state a sweep (its ``sweep_config.json``) left in its folder, or None."""
+    import logging
+
+    from clusterattack.analyses.suite.query_detection import read_detector_state
+    from clusterattack.tuning.config import SweepConfig
+    from clusterattack.tuning.state import LEDGER_FILE, sweep_dir
+    from clusterattack.tuning.targets import sweep_detection
+
+    try:
+        sweep = SweepConfig.from_dict(dict(config))
+    except (KeyError, TypeError, ValueError) as err:
+        logging.getLogger(__name__).warning("cannot rebuild the sweep's config to find its detector state: %s", err)
+        return None
+    return read_detector_state(sweep_dir(sweep) / LEDGER_FILE, sweep_detection(sweep))
