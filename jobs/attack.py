@@ -187,17 +187,48 @@ class Terminated(KeyboardInterrupt):
     """
 
 
+class _Interrupts:
+    """SIGTERM raises ``Terminated`` in the main thread, held back while inside ``held()``.
+
+    The MLflow writes and the checkpoint of an epoch run under ``held()``: a signal landing
+    in the middle of a write to the tracking store would leave its sqlite transaction open,
+    so ending the run KILLED would then wait on that lock and fail ("database is locked",
+    seen with the machine under load); a checkpoint would be left half-written. A signal
+    that arrives there is raised as soon as the block ends.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+
+    def handler(self, signum, frame) -> None:
+        if self.depth:
+            self.pending = signum
+            return
+        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+    @contextlib.contextmanager
+    def held(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
+_INTERRUPTS = _Interrupts()
+
+
 @contextlib.contextmanager
 def _sigterm_interrupts():
     """While inside, SIGTERM raises ``Terminated`` in the main thread (elsewhere: no change)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, frame):
-        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, _INTERRUPTS.handler)
     try:
         yield
     finally:
@@ -251,6 +282,11 @@ def _main(argv: list[str] | None = None) -> int:
         )
 
     def on_epoch_end(result, state: dict[str, Any]) -> bool:
+        with _INTERRUPTS.held():
+            _log_and_save(result, state)
+        return False
+
+    def _log_and_save(result, state: dict[str, Any]) -> None:
         if live is not None:
             live.log_epoch(result.history[-1])
         if checkpoint is not None:
@@ -265,7 +301,6 @@ def _main(argv: list[str] | None = None) -> int:
                 },
                 checkpoint,
             )
-        return False
 
     with live or contextlib.nullcontext():
         report = run_attack(
@@ -291,7 +326,8 @@ def _main(argv: list[str] | None = None) -> int:
                 fig.savefig(out / f"{key}.png", dpi=110)
             save_generator(report.result.generator, config, out / "generator.pt", extra={"victim": victim_name})
         if live is not None:
-            log.info("MLflow run %s", live.finish(report))
+            with _INTERRUPTS.held():
+                log.info("MLflow run %s", live.finish(report))
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     print(report.table_row())

@@ -263,3 +263,31 @@ def test_sigterm_ends_the_run_killed_and_keeps_the_checkpoint(victim_file, tmp_p
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
     assert saved["state"]["epoch"] >= 1 and saved["mlflow_run_id"] == run.info.run_id
     assert len(client().get_metric_history(run.info.run_id, "train.loss_g")) >= saved["state"]["epoch"]
+
+
+def test_sigterm_inside_a_tracking_write_waits_for_the_write_to_end():
+    # The flake this fixes: SIGTERM landing inside an epoch's MLflow write left its sqlite
+    # transaction open, and ending the run KILLED then failed on "database is locked".
+    import os
+    import signal
+
+    job = _job()
+    interrupts = job._Interrupts()
+    steps: list[str] = []
+    previous = signal.signal(signal.SIGTERM, interrupts.handler)
+    try:
+        with pytest.raises(job.Terminated, match="stopped by signal SIGTERM"):
+            with interrupts.held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("write finished")  # the signal did not cut the write short
+                with interrupts.held():  # nested: still held until the outer block ends
+                    steps.append("checkpoint saved")
+                steps.append("outer block ends")
+        assert steps == ["write finished", "checkpoint saved", "outer block ends"]
+        assert interrupts.pending is None and interrupts.depth == 0
+        with pytest.raises(job.Terminated):  # outside a held block it interrupts at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("never")
+        assert steps[-1] != "never"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
