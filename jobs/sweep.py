@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--record", default=None, metavar="NAME",
         help="write the finished sweep's Tables 1 and 2 as docs/results/NAME.json (a results record with its "
-        "provenance; then `make results` regenerates docs/results.md)",
+        "provenance; then `make results` regenerates docs/results.md); with --resume on a completed sweep, "
+        "only that export",
     )
     p.add_argument("--record-headline", action="store_true", help="mark that record as the README's headline")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (latest one, or --experiment)")
@@ -268,6 +269,13 @@ def report(outcome: Any) -> None:
         print(f"  {title}: {url}")
 
 
+def _completed(config) -> bool:
+    from clusterattack.tuning.state import STATE_FILE, load_state, sweep_dir
+
+    folder = sweep_dir(config)
+    return (folder / STATE_FILE).exists() and load_state(folder).get("status") == "completed"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
@@ -285,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.resume and args.record and _completed(config):
+        # Nothing to run: export the finished sweep's tables as a record.
+        from clusterattack.tuning.export import completed_outcome, export_sweep_record
+
+        outcome = completed_outcome(config)
+        print(f"sweep {config.experiment} has completed; its tables as a record: "
+              f"{export_sweep_record(outcome, args.record, headline=args.record_headline)}")
+        return 0
     try:
         outcome = run_sweep(config, resume=args.resume, ray_address=args.ray_address)
     except (FileExistsError, FileNotFoundError, ValueError) as err:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCORE_METRICS", "export_sweep_record", "sweep_record_rows"]
+__all__ = ["SCORE_METRICS", "completed_outcome", "export_sweep_record", "sweep_record_rows"]
 
 #: Table 1 scores kept in a record (mean and std over seeds).
 SCORE_METRICS = (
@@ -63,17 +63,65 @@ def sweep_record_rows(outcome: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def completed_outcome(config: Any) -> Any:
+    """A completed sweep read back from its folder (state file and saved tables), to export later.
+
+    ``config`` locates the sweep (storage and experiment), as for ``--resume``. Raises
+    ``FileNotFoundError`` without a state file and ``ValueError`` when it has not completed.
+    """
+    import json
+
+    import pandas as pd
+
+    from clusterattack import tracking
+    from clusterattack.tuning.config import SweepConfig
+    from clusterattack.tuning.state import load_state, sweep_dir
+    from clusterattack.tuning.sweep import SweepOutcome
+
+    folder = sweep_dir(config)
+    state = load_state(folder)
+    if state.get("status") != "completed":
+        raise ValueError(f"sweep {config.experiment!r} at {folder} has not completed: resume it first (--resume)")
+
+    def rows(table: str) -> list[dict[str, Any]]:
+        frame = pd.read_parquet(folder / "tables" / f"{table}.parquet")
+        return json.loads(frame.to_json(orient="records"))  # plain Python values, NaN as None
+
+    return SweepOutcome(
+        config=SweepConfig.from_dict(state["config"]), parent_run_id=state["parent_run_id"],
+        tracking_uri=tracking.configure(), state_dir=folder, table1=rows("table1_attack"),
+        table2=rows("table2_queries"), wall_s=float(state.get("wall_s") or 0.0), reread=True,
+    )
+
+
+def _run_tags(outcome: Any) -> dict[str, str]:
+    """The sweep's parent-run tags (the code that made it), or this process's when it is the sweep."""
+    from clusterattack.tracking.store import source_tags
+
+    if getattr(outcome, "reread", False):
+        import mlflow
+
+        return dict(mlflow.MlflowClient(outcome.tracking_uri).get_run(outcome.parent_run_id).data.tags)
+    return source_tags()
+
+
 def export_sweep_record(
     outcome: Any, name: str, *, headline: bool = False, folder: str | Path | None = None
 ) -> Path:
-    """Write the sweep's tables as record ``name`` (``docs/results/`` by default); returns its path."""
+    """Write the sweep's tables as record ``name`` (``docs/results/`` by default); returns its path.
+
+    For a sweep read back by :func:`completed_outcome` the code commit is the one its parent
+    run was tagged with, and the command names the sweep and this export.
+    """
     from clusterattack.reports.records import code_provenance, machine_description, write_record
-    from clusterattack.tracking.store import source_tags
 
     config = outcome.config
+    command = "python " + " ".join(sys.argv) if sys.argv and sys.argv[0] else "run_sweep(...)"
+    if getattr(outcome, "reread", False):
+        command = f"jobs/sweep.py --preset {config.preset_name} (sweep {config.experiment}); exported by: {command}"
     provenance = {
-        "command": "python " + " ".join(sys.argv) if sys.argv and sys.argv[0] else "run_sweep(...)",
-        **code_provenance(source_tags()),
+        "command": command,
+        **code_provenance(_run_tags(outcome)),
         "machine": machine_description(max(1, int(config.cpus_per_trial))),
         "date": time.strftime("%Y-%m-%d"),
         "splits": {"train_pool": config.train_pool or "all", "test": config.eval_limit},

@@ -87,6 +87,7 @@ class SweepOutcome:
     generators: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    reread: bool = False  # read back from a completed sweep's folder (tuning.export.completed_outcome)
 
 
 def _serve_running() -> bool:
@@ -116,7 +117,10 @@ def run_sweep(
     if resume:
         state = load_state(folder)
         if state.get("status") == "completed":
-            raise FileExistsError(f"sweep {config.experiment!r} at {folder} has already completed: nothing to resume")
+            raise FileExistsError(
+                f"sweep {config.experiment!r} at {folder} has already completed: nothing to resume (jobs/sweep.py "
+                "--resume --record NAME exports its tables; jobs/report.py --run-analyses adds analyses)"
+            )
         saved = SweepConfig.from_dict(state["config"])
         if saved != config:
             log.info("resuming %s with its saved config (the given one is ignored)", saved.experiment)

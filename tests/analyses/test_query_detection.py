@@ -18,26 +18,17 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import free_port
-
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def swept(ray_session, tmp_path_factory):
-    from clusterattack.tuning.config import SweepConfig
     from clusterattack.tuning.sweep import run_sweep
+    from tests.tuning.helpers import private_store, tiny_config
 
     tmp = tmp_path_factory.mktemp("qd")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", uri)
-        mp.setenv("CLUSTERATTACK_ARTIFACT_ROOT", str(tmp / "mlartifacts"))
-        config = SweepConfig.preset(
-            "tiny", experiment="screened", storage=str(tmp / "sweeps"), data_dir=str(tmp / "data"),
-            serve_port=free_port(), analyses="query_detection", epochs=2,
-        )  # fmt: skip
+    with private_store(tmp):
+        config = tiny_config(tmp, "screened", analyses="query_detection", epochs=2)
         outcome = run_sweep(config)
         yield tmp, config, outcome
 

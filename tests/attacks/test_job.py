@@ -276,13 +276,12 @@ def test_sigterm_inside_a_tracking_write_waits_for_the_write_to_end():
     steps: list[str] = []
     previous = signal.signal(signal.SIGTERM, interrupts.handler)
     try:
-        with pytest.raises(job.Terminated, match="stopped by signal SIGTERM"):
-            with interrupts.held():
-                os.kill(os.getpid(), signal.SIGTERM)
-                steps.append("write finished")  # the signal did not cut the write short
-                with interrupts.held():  # nested: still held until the outer block ends
-                    steps.append("checkpoint saved")
-                steps.append("outer block ends")
+        with pytest.raises(job.Terminated, match="stopped by signal SIGTERM"), interrupts.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("write finished")  # the signal did not cut the write short
+            with interrupts.held():  # nested: still held until the outer block ends
+                steps.append("checkpoint saved")
+            steps.append("outer block ends")
         assert steps == ["write finished", "checkpoint saved", "outer block ends"]
         assert interrupts.pending is None and interrupts.depth == 0
         with pytest.raises(job.Terminated):  # outside a held block it interrupts at once

@@ -1,7 +1,8 @@
-"""Helpers of the sweep tests: a Ray head node of our own, the sweep CLI as a subprocess, store queries."""
+"""Helpers of the sweep tests: in-process tiny sweeps, a Ray head node of our own, the sweep CLI as a subprocess, store queries."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,12 +10,34 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
+
+
+@contextlib.contextmanager
+def private_store(tmp: Path):
+    """While inside, MLflow tracking, registry and artifacts of this process live under ``tmp``."""
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", uri)
+        mp.setenv("CLUSTERATTACK_ARTIFACT_ROOT", str(tmp / "mlartifacts"))
+        yield
+
+
+def tiny_config(tmp: Path, name: str, data: str = "data", **changes):
+    """The ``tiny`` preset as sweep ``name`` with its storage and data under ``tmp`` and a free Serve port."""
+    from clusterattack.tuning.config import SweepConfig
+
+    return SweepConfig.preset(
+        "tiny", experiment=name, storage=str(tmp / "sweeps"), data_dir=str(tmp / data), serve_port=free_port(),
+        **changes,
+    )
 
 
 def sweep_env(tmp: Path) -> dict[str, str]:

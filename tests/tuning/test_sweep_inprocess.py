@@ -20,8 +20,6 @@ import pytest
 import torch
 from ray import tune
 
-from tests.conftest import free_port
-
 pytestmark = pytest.mark.slow
 
 # The strong recipe on 8x8 digits: its two-member ensemble stays, the rest is sized down.
@@ -61,29 +59,18 @@ def _poisoned_copy(src: str, dst: str) -> None:
 
 @pytest.fixture(scope="module")
 def swept(ray_session, tmp_path_factory):
-    from clusterattack.tuning.config import SweepConfig
     from clusterattack.tuning.sweep import run_sweep
+    from tests.tuning.helpers import private_store, tiny_config
 
     tmp = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", uri)
-        mp.setenv("CLUSTERATTACK_ARTIFACT_ROOT", str(tmp / "mlartifacts"))
-
-        def config(name: str, data: str, **changes):
-            return SweepConfig.preset(
-                "tiny", experiment=name, storage=str(tmp / "sweeps"), data_dir=str(tmp / data),
-                serve_port=free_port(), **changes,
-            )  # fmt: skip
-
-        main = config("main", "data", recipe="strong", max_concurrent=1, **RECIPE_FLAGS)
+    with private_store(tmp):
+        main = tiny_config(tmp, "main", recipe="strong", max_concurrent=1, **RECIPE_FLAGS)
         killer = KillAfterFirstCheckpoint()
         outcomes = {"main": run_sweep(main, callbacks=[killer])}
         _poisoned_copy(str(tmp / "data" / "digits"), str(tmp / "poisoned" / "digits"))
-        poisoned = config("poisoned", "poisoned", recipe="strong", max_concurrent=1, **RECIPE_FLAGS)
+        poisoned = tiny_config(tmp, "poisoned", "poisoned", recipe="strong", max_concurrent=1, **RECIPE_FLAGS)
         outcomes["poisoned"] = run_sweep(poisoned)
-        spent = config("spent", "data", eps_grid=(0.1,), num_samples=1, seeds=1, budget=1_500)
+        spent = tiny_config(tmp, "spent", eps_grid=(0.1,), num_samples=1, seeds=1, budget=1_500)
         outcomes["spent"] = run_sweep(spent)
         yield tmp, {"main": main, "poisoned": poisoned, "spent": spent}, outcomes, killer
 
@@ -329,3 +316,24 @@ def test_the_sweep_exports_its_tables_as_a_results_record(swept, tmp_path):
         assert row["metrics"]["nmi_post"]["mean"] == pytest.approx(table_row["nmi_post"])
         assert row["calls_256"] == -(-row["image_queries"] // 256)
     assert "label_free" in render_table(record)
+
+
+def test_a_completed_sweep_read_back_exports_the_same_record(swept, tmp_path):
+    # jobs/sweep.py --resume --record NAME on a completed sweep: the record comes from its folder
+    # (state file and saved tables) and the parent run's code tags, not from this process.
+    from clusterattack.reports.records import load_record
+    from clusterattack.tuning.export import completed_outcome, export_sweep_record
+
+    tmp, configs, outcomes, _ = swept
+    live = load_record(export_sweep_record(outcomes["main"], "live", folder=tmp_path / "live"))
+    reread = completed_outcome(configs["main"])
+    assert reread.reread and reread.parent_run_id == outcomes["main"].parent_run_id
+    again = load_record(export_sweep_record(reread, "again", folder=tmp_path / "again"))
+    def but_command(rows):  # rows carry the record's common fields; only the command differs
+        return [{k: v for k, v in row.items() if k != "command"} for row in rows]
+
+    assert but_command(again.rows) == but_command(live.rows)
+    parent = _client(tmp).get_run(outcomes["main"].parent_run_id)
+    assert again.common["commit"] == parent.data.tags["clusterattack.git_commit"]
+    assert again.common["command"].startswith("jobs/sweep.py --preset tiny (sweep main); exported by: ")
+    assert again.common["wall_s"] == pytest.approx(outcomes["main"].wall_s, abs=0.1)
