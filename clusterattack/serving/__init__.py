@@ -26,6 +26,7 @@ _EXPORTS = {
     "deploy_victim": "launch",
     "launch_victims": "launch",
     "start_serve": "launch",
+    "stop_serve": "launch",
     "BadRequest": "errors",
     "BudgetExceeded": "errors",
     "Forbidden": "errors",

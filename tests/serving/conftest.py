@@ -85,7 +85,6 @@ def tiny_images(n: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="package")
 def serve_env(ray_session, tmp_path_factory):
     import ray.cloudpickle
-    from ray import serve
 
     import tests.serving.tiny_victims as tiny_victims
     from clusterattack.serving.deployment import ServeConfig, deploy_victim, start_serve
@@ -126,5 +125,7 @@ def serve_env(ray_session, tmp_path_factory):
         labels_config=labels_config,
         source=source,
     )
-    serve.shutdown()
+    from clusterattack.serving.launch import stop_serve
+
+    stop_serve()  # waits for Serve's actors to go: the next module starts Serve again
     kill_ledger(ledger_config)
