@@ -26,7 +26,6 @@ _EXPORTS = {
     "deploy_victim": "launch",
     "launch_victims": "launch",
     "start_serve": "launch",
-    "stop_serve": "launch",
     "BadRequest": "errors",
     "BudgetExceeded": "errors",
     "Forbidden": "errors",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -33,7 +32,6 @@ __all__ = [
     "deploy_victim",
     "launch_victims",
     "start_serve",
-    "stop_serve",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,31 +88,6 @@ def deploy_victim(
     """
     app = build_victim_app(source, name=name, config=config, ledger=ledger, detection=detection)
     return serve.run(app, name=name, route_prefix=route_prefix or f"/{name}")
-
-
-def _serve_actors() -> list[str]:
-    import ray
-
-    return [
-        a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-        if a.get("namespace") == "serve" and a["name"].startswith(("SERVE_CONTROLLER", "SERVE_PROXY"))
-    ]  # fmt: skip
-
-
-def stop_serve(timeout_s: float = 60.0) -> None:
-    """``serve.shutdown()``, then wait until Serve's controller and proxies are gone from Ray.
-
-    ``serve.shutdown`` can return while the old controller is still killing its proxies (seen
-    with the machine under load); a ``serve.start`` in that window creates a proxy of the same
-    name that the old controller then kills, and fails with ``ActorDiedError`` ("killed by
-    ray.kill"). Waiting here makes a later start in the same Ray safe.
-    """
-    serve.shutdown()
-    deadline = time.monotonic() + timeout_s
-    while (left := _serve_actors()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if left:
-        logger.warning("Serve actors still alive %.0f s after shutdown: %s", timeout_s, left)
 
 
 def start_serve(host: str = "127.0.0.1", port: int = 8000) -> int:

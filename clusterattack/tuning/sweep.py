@@ -200,7 +200,6 @@ def _run_targets(
     from clusterattack.serving import LedgerAdmin, LedgerConfig
     from clusterattack.serving.deployment import start_serve
     from clusterattack.serving.detector import kill_detector
-    from clusterattack.serving.launch import stop_serve
     from clusterattack.serving.ledger_actor import kill_ledger
     from clusterattack.tuning.targets import prepare_target
     from clusterattack.tuning.trainable import derive_api_key, ensure_key
@@ -250,7 +249,7 @@ def _run_targets(
             except Exception as err:  # cleanup must not hide the sweep's own error
                 log.warning("could not delete Serve app %s: %s", name, err)
         if not serve_was_running:
-            stop_serve()
+            serve.shutdown()
         kill_ledger(ledger)
         # Its state stays on disk, where the query_detection analysis reads it back.
         kill_detector(ledger)

@@ -53,6 +53,7 @@ def call(method: str, url: str, key: str | None, **kwargs) -> requests.Response:
 @pytest.fixture(scope="package")
 def album_env(ray_session, tmp_path_factory):
     import ray.cloudpickle
+    from ray import serve
 
     import tests.api.tiny_models as tiny_models
     from clusterattack.api.config import AlbumServiceConfig
@@ -97,9 +98,7 @@ def album_env(ray_session, tmp_path_factory):
         ledger=ledger,
         configs=configs,
     )
-    from clusterattack.serving.launch import stop_serve
-
-    stop_serve()  # waits for Serve's actors to go: the next module starts Serve again
+    serve.shutdown()
     for app in handles:
         kill_album_store(store_actor_name(app))
     kill_ledger(ledger)

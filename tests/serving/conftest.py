@@ -85,6 +85,7 @@ def tiny_images(n: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="package")
 def serve_env(ray_session, tmp_path_factory):
     import ray.cloudpickle
+    from ray import serve
 
     import tests.serving.tiny_victims as tiny_victims
     from clusterattack.serving.deployment import ServeConfig, deploy_victim, start_serve
@@ -125,7 +126,5 @@ def serve_env(ray_session, tmp_path_factory):
         labels_config=labels_config,
         source=source,
     )
-    from clusterattack.serving.launch import stop_serve
-
-    stop_serve()  # waits for Serve's actors to go: the next module starts Serve again
+    serve.shutdown()
     kill_ledger(ledger_config)

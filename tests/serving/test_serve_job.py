@@ -51,20 +51,3 @@ def test_access_log_is_on_unless_the_config_turns_it_off():
 
     assert "logging_config" not in ServeConfig().deployment_options()
     assert ServeConfig(access_log=False).deployment_options()["logging_config"] == {"enable_access_log": False}
-
-
-@pytest.mark.slow
-def test_serve_stopped_and_started_again_in_one_ray(ray_session):
-    """stop_serve returns only once the controller and proxies are gone, so a start right after it
-    is not disturbed by them (after a bare serve.shutdown, on a busy machine, the old controller
-    killed the new proxy: serve.start failed with ActorDiedError "killed by ray.kill")."""
-    from clusterattack.serving.launch import _serve_actors, start_serve, stop_serve
-    from tests.conftest import free_port
-
-    for attempt in range(2):
-        start_serve("127.0.0.1", free_port())
-        started = _serve_actors()
-        assert any(n.startswith("SERVE_CONTROLLER") for n in started), (attempt, started)
-        assert any(n.startswith("SERVE_PROXY") for n in started), (attempt, started)
-        stop_serve()
-        assert _serve_actors() == [], attempt

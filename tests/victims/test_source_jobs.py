@@ -119,6 +119,7 @@ def test_served_python_factory_behind_keys_budgets_and_rate_limits(ray_session, 
     """jobs/serve.py's path for a py: spec on Ray Serve: keys, budget, the model's answers."""
     import numpy as np
     import torch
+    from ray import serve as ray_serve
 
     from clusterattack.serving import ServedVictim
     from clusterattack.serving.config import ServeConfig
@@ -148,7 +149,5 @@ def test_served_python_factory_behind_keys_budgets_and_rate_limits(ray_session, 
             client.predict_proba(x)  # 60 more than the 40 left
         assert client.budget()["remaining"] == 40
     finally:
-        from clusterattack.serving.launch import stop_serve
-
-        stop_serve()  # waits for Serve's actors to go: the next module starts Serve again
+        ray_serve.shutdown()
         kill_ledger(ledger)
