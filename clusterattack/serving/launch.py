@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ray import serve
+from ray.exceptions import ActorDiedError
 
 from clusterattack.serving.config import ServeConfig
 from clusterattack.serving.detection import DetectionConfig
@@ -97,7 +99,19 @@ def start_serve(host: str = "127.0.0.1", port: int = 8000) -> int:
     keeps the running one and ignores ``port``. The port it really listens on is returned
     (and a differing one logged), so that URLs are built from where requests are answered.
     """
-    serve.start(http_options={"host": host, "port": port})
+    for attempt in range(3):
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            break
+        except ActorDiedError as err:
+            # Seen on a busy machine when Serve is started again in the same Ray: the new
+            # controller gives up on a proxy that has not started in time and kills it, and
+            # serve.start, waiting on that proxy, fails. The controller stays up and makes
+            # another proxy: ask again.
+            if attempt == 2 or "ProxyActor" not in str(err):
+                raise
+            logger.warning("Serve's HTTP proxy died while starting (%s); starting Serve again", err)
+            time.sleep(2.0)
     try:
         from ray.serve.context import _get_global_client
 

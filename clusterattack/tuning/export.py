@@ -85,7 +85,8 @@ def completed_outcome(config: Any) -> Any:
 
     def rows(table: str) -> list[dict[str, Any]]:
         frame = pd.read_parquet(folder / "tables" / f"{table}.parquet")
-        return json.loads(frame.to_json(orient="records"))  # plain Python values, NaN as None
+        # plain Python values, NaN as None; 15 digits (pandas' most) so the record's 10 are exact
+        return json.loads(frame.to_json(orient="records", double_precision=15))
 
     return SweepOutcome(
         config=SweepConfig.from_dict(state["config"]), parent_run_id=state["parent_run_id"],
