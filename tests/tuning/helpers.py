@@ -69,50 +69,89 @@ class LocalHead:
 
     ``ray stop`` would stop every Ray instance on the machine (other tests', other users');
     a SIGTERM to the blocking ``ray start`` stops exactly the processes it started.
+
+    Ready means the dashboard *and* the head's job agent answer: the dashboard alone comes up
+    first, and a submission before the agent has registered is refused with "No available
+    agent to submit job". The ports are picked free beforehand, which leaves a race: another
+    process may bind one before Ray does, and an agent that cannot bind never registers (seen
+    once in CI: 120 s of refusals). A head whose agent does not answer is stopped and started
+    again on fresh ports, once.
     """
 
-    def __init__(self, tmp: Path, env: dict[str, str], num_cpus: int = 2) -> None:
+    ATTEMPTS = 2
+
+    def __init__(self, tmp: Path, env: dict[str, str], num_cpus: int = 2, ready_s: float = 180) -> None:
+        self.tmp = tmp
+        self.env = env
+        self.num_cpus = num_cpus
+        self.ready_s = ready_s
+        self.log = tmp / "ray-head.log"
+        self.process: subprocess.Popen | None = None
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
         self.port = free_port()
         self.dashboard_port = free_port()
-        self.env = env
-        self.log = tmp / "ray-head.log"
+        self.agent_port = free_port()
         # Unix socket paths must stay short: a temp dir of our own, off the test's tmp path.
         self.temp_dir = f"/tmp/ca-ray-{self.port}"
         self.command = [
             str(VENV_BIN / "ray"), "start", "--head", "--block",
             "--port", str(self.port), "--node-ip-address", "127.0.0.1",
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--include-dashboard", "true", "--num-cpus", str(num_cpus),
+            "--include-dashboard", "true", "--num-cpus", str(self.num_cpus),
             "--object-store-memory", str(200 * 1024 * 1024), "--temp-dir", self.temp_dir,
             # Ports of our own: the defaults (the agent's HTTP port 52365 above all) may be held
             # by the test session's Ray, and an agent that cannot bind takes no job submissions.
-            "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(self.agent_port), "--ray-client-server-port", str(free_port()),
             "--metrics-export-port", str(free_port()),
             "--disable-usage-stats",
         ]  # fmt: skip
-        self.process: subprocess.Popen | None = None
 
     @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def __enter__(self) -> LocalHead:
-        with open(self.log, "w") as log:
+    def agent_log_tail(self, n: int = 3000) -> str:
+        """The end of this head's dashboard agent log, for failure messages ("" when none)."""
+        logs = sorted(Path(self.temp_dir).glob("session_*/logs/dashboard_agent.log"))
+        return logs[-1].read_text(errors="replace")[-n:] if logs else ""
+
+    def _answers(self, url: str) -> bool:
+        try:
+            requests.get(url, timeout=2)
+        except requests.RequestException:
+            return False
+        return True
+
+    def _start_once(self) -> bool:
+        with open(self.log, "a") as log:
             self.process = subprocess.Popen(
                 self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + self.ready_s
+        urls = [f"{self.dashboard_url}/api/version", f"http://127.0.0.1:{self.agent_port}/api/local_raylet_healthz"]
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                if requests.get(f"{self.dashboard_url}/api/version", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
+            # Any HTTP answer from the agent's port means it bound it and is serving.
+            if all(self._answers(url) for url in urls):
+                return True
             time.sleep(1)
-        self.__exit__(None, None, None)
-        raise TimeoutError(f"the Ray head did not answer on {self.dashboard_url} within 180 s")
+        return False
+
+    def __enter__(self) -> LocalHead:
+        for attempt in range(self.ATTEMPTS):
+            if attempt:
+                self._pick_ports()
+            if self._start_once():
+                return self
+            agent_log = self.agent_log_tail()
+            self.__exit__(None, None, None)
+        raise TimeoutError(
+            f"the Ray head's dashboard or job agent did not answer within {self.ready_s:.0f} s "
+            f"({self.ATTEMPTS} starts); last agent log:\n{agent_log}\nhead log:\n{self.log.read_text()[-2000:]}"
+        )
 
     def __exit__(self, *exc_info: object) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -77,7 +77,8 @@ def test_ray_job_submit_runs_the_sweep_on_a_local_cluster(tmp_path):
             # here once in CI, 2 s after the upload): the job is fine, only the tail is gone.
             # Do what the README tells users to do then: wait on the job, read its logs.
             returncode, output = _wait_for_job(head.dashboard_url, submission_id, output)
-    assert returncode == 0, _tail(output)
+        agent_log = head.agent_log_tail() if returncode != 0 else ""
+    assert returncode == 0, _tail(output) + "\n--- dashboard_agent.log ---\n" + agent_log
     assert "succeeded" in output, _tail(output)
     assert "Table 1" in output and "generator-cc-digits/1" in output, _tail(output)
 
