@@ -1,4 +1,4 @@
-"""The report's analysis sections: norm curves, transferability, detection, PCA, retraining, baselines.
+"""The report's analysis sections: norm curves, transferability, detection, PCA, retraining, baselines, query detection.
 
 Each section shows one analysis run of the sweep (an ``AnalysisResult``): one block per item
 (a row, a group of rows) with the victim versions, generators and their runs, code commit,
@@ -36,7 +36,7 @@ __all__ = ["ANALYSIS_KINDS", "PAPER_DETECTION", "absent_html", "analysis_section
 
 log = logging.getLogger(__name__)
 
-ANALYSIS_KINDS = ("norm_curves", "transfer", "detection", "pca", "retraining", "baselines")
+ANALYSIS_KINDS = ("norm_curves", "transfer", "detection", "pca", "retraining", "baselines", "query_detection")
 
 #: The paper's SSD detection rates (Section 5), shown beside ours for comparison.
 PAPER_DETECTION = "the paper's SSD flagged 11.69% / 19.41% / 11.71% (CIFAR-10 / CIFAR-100 / STL-10)"
@@ -349,6 +349,63 @@ def _baselines(result: AnalysisResult, folder: Path) -> str:
     )
 
 
+def _query_detection(result: AnalysisResult, folder: Path) -> str:
+    from clusterattack.analyses.suite.query_detection import keys_figure
+
+    p = result.payload
+    rows = list(p.get("rows", []))
+    if not rows:
+        raise ValueError("query_detection payload has no rows")
+    detector = p.get("detector") or {}
+    flag_after, flag_window = int(detector["flag_after"]), int(detector["flag_window"])
+    fig = keys_figure(rows, flag_after, flag_window)
+    src = figs.save_figure(fig, folder, _ident(result, "query_detection"))
+    note = (
+        '<p class="note">The sweep\'s own deployments screened every query in <em>flag</em> mode (the answers '
+        "unchanged, so the attack is the one the sweep runs without it): a Blacklight-style fingerprint of each "
+        f"image (quantised pixels, hashes of sliding windows) is matched against the key's earlier ones, and a key "
+        f"is flagged once {flag_after} of its last {flag_window} queries matched. One row per API key: each search "
+        "trial and seed run has its own.</p>"
+    )
+    summary = table_html(
+        [dict(p)],
+        (
+            Column("keys", "keys", "int"),
+            Column("flagged_keys", "flagged", "int"),
+            Column("flagged_fraction", "flagged fraction", "pct"),
+            Column("queries", "images screened", "int"),
+            Column("queries_to_flag_median", "median queries to flag", "num",
+                   "the query at which a flagged key crossed the threshold"),
+            Column("matched_fraction_mean", "mean matched fraction", "pct"),
+        ),  # fmt: skip
+        table_id=_ident(result, "query-detection-summary"),
+    )
+    table = table_html(
+        rows,
+        (
+            Column("phase", "phase", "text"),
+            Column("eps", "eps"),
+            Column("seed", "seed", "text"),
+            Column("trial_id", "trial", "text"),
+            Column("queries", "images screened", "int"),
+            Column("ledger_image_queries", "images charged", "int"),
+            Column("matched", "matched", "int"),
+            Column("matched_fraction", "matched fraction", "pct"),
+            Column("first_match_query", "first match at", "int"),
+            Column("flagged", "flagged", "text"),
+            Column("queries_to_flag", "flagged at query", "int"),
+        ),
+        table_id=_ident(result, "query-detection"),
+    )
+    return (
+        _payload_provenance(result, ("detector",))
+        + note
+        + summary
+        + figure_html(src, "Each key's matched fraction against the images it sent; flagged keys in red.")
+        + table
+    )
+
+
 #: Kinds whose figures are not redrawn from the payload (it lacks their data): the run's own PNGs are shown.
 _LOGGED_FIGURES = ("detection",)
 
@@ -368,6 +425,7 @@ _ANALYSIS = {
     "pca": ("Clean and adversarial images in PCA space (Fig. 5b)", _pca),
     "retraining": ("Defense: adversarial retraining (footnote 12)", _retraining),
     "baselines": ("Generator against per-image attacks at equal total queries (Appendix E)", _baselines),
+    "query_detection": ("Defense at the door: stateful query detection", _query_detection),
 }
 
 

@@ -58,6 +58,11 @@ INDEX = "index.html"
 DATA_FILE = "report.json"
 
 
+#: Analyses a finished sweep cannot run afterwards: query detection reads what the sweep's own
+#: deployments screened, so it must be asked for when the sweep starts.
+SWEEP_START_ONLY = ("query_detection",)
+
+
 def default_commands(sweep: str | None = None, preset: str = "demo") -> dict[str, str]:
     """How to produce each section's inputs (shown in place of a section the sweep lacks).
 
@@ -70,7 +75,7 @@ def default_commands(sweep: str | None = None, preset: str = "demo") -> dict[str
         out[kind] = (
             f"python jobs/report.py --sweep {sweep} --run-analyses {kind}  (or a new sweep: "
             f"python jobs/sweep.py --preset {preset} --analyses {kind})"
-            if sweep
+            if sweep and kind not in SWEEP_START_ONLY
             else f"python jobs/sweep.py --preset {preset} --analyses {kind}"
         )
     return out

@@ -157,6 +157,19 @@ def payloads(dataset: str = "tiny") -> dict[str, dict[str, Any]]:
                  "nmi_post": 0.28, "nmi_drop": 0.45, "changed_fraction": 0.6, "linf_max": 0.1},
             ],
         },  # fmt: skip
+        "query_detection": {
+            "keys": 2, "flagged_keys": 1, "flagged_fraction": 0.5, "queries": 700,
+            "queries_to_flag_median": 31, "queries_to_flag_min": 31, "matched_fraction_mean": 0.4,
+            "detector": {"policy": "flag", "flag_after": 25, "flag_window": 100, "history": 1600},
+            "rows": [
+                {"item": "cc-tiny-surrogate", "phase": "search", "eps": 0.1, "seed": None, "trial_id": "t0",
+                 "run_id": "run0", "key_id": "k0", "queries": 600, "ledger_image_queries": 600, "matched": 270,
+                 "matched_fraction": 0.45, "first_match_query": 7, "flagged": True, "queries_to_flag": 31},
+                {"item": "cc-tiny-surrogate", "phase": "final", "eps": 0.1, "seed": 1, "trial_id": "t1",
+                 "run_id": "run1", "key_id": "k1", "queries": 100, "ledger_image_queries": 100, "matched": 3,
+                 "matched_fraction": 0.03, "first_match_query": 40, "flagged": False, "queries_to_flag": None},
+            ],
+        },  # fmt: skip
     }
 
 

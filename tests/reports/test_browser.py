@@ -87,9 +87,9 @@ def test_report_opens_offline_in_chromium(tmp_path):
     for width in (1280, 720):
         seen = open_in_chromium(index, width)
         assert seen["title"] == data.title  # the browser unescapes what the writer escaped
-        assert len(seen["images"]) == 8, seen["images"]
+        assert len(seen["images"]) == 9, seen["images"]
         assert [src for src, ok in seen["images"] if not ok] == [], "images that did not load"
-        assert len(seen["sections"]) == 10
+        assert len(seen["sections"]) == 11
         assert seen["severe"] == [], seen["severe"]
         # wide tables scroll inside their box; nothing else runs off the page
         assert seen["page_width"] <= seen["window_width"], (width, seen["page_width"], seen["overflow"])

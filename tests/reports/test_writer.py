@@ -59,8 +59,13 @@ def test_full_report_has_every_section_filled_and_every_image(tmp_path):
     page = read_page(index)
     assert page.sections == {s: True for s in SECTIONS}
     assert page.scripts == 0, "the page must run no script (and load none)"
-    # confusion, grid, norm curves, 3 transfer heat maps, PCA, the detection run's own figure, baselines
-    assert len(page.images) == 9 and "figures/detection_scores.png" in page.images
+    # confusion, grid, norm curves, 3 transfer heat maps, PCA, the detection run's own figure, baselines,
+    # query detection's keys
+    assert len(page.images) == 10 and "figures/detection_scores.png" in page.images
+    assert "figures/query_detection.png" in page.images
+    qd = payloads()["query_detection"]
+    assert cell(page, "query-detection-summary", "flagged_keys") == qd["flagged_keys"]
+    assert cell(page, "query-detection", "queries_to_flag") == qd["rows"][0]["queries_to_flag"]
     for src in page.images:
         assert not src.startswith(("/", "http")) and (index.parent / src).is_file(), src
         assert (index.parent / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -129,6 +134,10 @@ def test_sweep_sections_say_not_requested_failed_or_never_started(tmp_path):
     assert page.states["transfer"] == "not_requested"
     assert "python jobs/report.py --sweep sw --run-analyses transfer" in raw
     assert "python jobs/sweep.py --preset tiny --analyses transfer" in raw
+    # query detection reads what the sweep's own deployments screened: only a new sweep can ask for it
+    assert page.states["query_detection"] == "not_requested"
+    assert "python jobs/sweep.py --preset tiny --analyses query_detection" in raw
+    assert "--run-analyses query_detection" not in raw
     assert page.states["table1"] == "filled"
     assert json.loads((tmp_path / "report.json").read_text())["analyses"]["detection"]["status"] == "FAILED"
 
