@@ -1,11 +1,17 @@
 """A tiny sweep's analyses end to end: each a child run of the sweep, the report from that one parent run.
 
-One tiny sweep (8x8 digits, one CC victim, eps 0.1 and 0.2, 2 seeds) with the paper's seven
-analyses (``jobs/sweep.py --analyses all`` less ``query_detection``, which has its own test in
-``test_query_detection.py``) is run in this process: after its seed runs it runs all
-seven analyses on its registered generators as Ray tasks. A second parent run holds the same rows with the eps 0.2 generator swapped for a
-registered version whose file cannot load: the analysis that needs it fails (and says
-which row and why), the one that does not finishes, and the report stands.
+One tiny sweep (8x8 digits, one CC victim, eps 0.1 and 0.2, 2 trials each, 2 seeds) with every
+analysis (``jobs/sweep.py --analyses all``: the paper's seven and ``query_detection``) is run in
+this process: its deployments screen every query in flag mode, and after its seed runs it runs
+the analyses on its registered generators as Ray tasks. 2 generator epochs, so that every
+trial's queries stay within the detector's history of 1,600 and all their fingerprints are
+still stored. A second parent run holds the same rows with the eps 0.2 generator swapped for a
+registered version whose file cannot load: the analysis that needs it fails (and says which
+row and why), the one that does not finishes, and the report stands.
+
+The query-detection child run must list every search trial's and seed run's key with the
+ledger's count of its queries, and each key's verdict must be the one the detector's own
+matching gives when its stored fingerprints are replayed in order through a fresh index.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import io
 import json
 import math
 import os
+import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -27,6 +35,8 @@ pytestmark = pytest.mark.slow
 
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "report.py"
 ALL = ("breakdown", "norm_curves", "transfer", "detection", "pca", "retraining", "baselines")
+#: What the sweep runs: the paper's seven analyses and the query detector's read-back.
+SWEPT = (*ALL, "query_detection")
 
 
 def _job():
@@ -43,7 +53,7 @@ def swept(ray_session, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("suite")
     with private_store(tmp):
-        config = tiny_config(tmp, "analysed", analyses=ALL)
+        config = tiny_config(tmp, "analysed", analyses=SWEPT, epochs=2)
         outcome = run_sweep(config)
         yield tmp, config, outcome
 
@@ -90,10 +100,10 @@ def test_every_analysis_is_a_finished_child_run_of_the_sweep(analysed, tmp_path)
     from clusterattack.tracking.analyses import registered_generator_info
 
     tmp, config, outcome, request, statuses, saved = analysed
-    assert {k: s.status for k, s in statuses.items()} == dict.fromkeys(ALL, "FINISHED"), statuses
+    assert {k: s.status for k, s in statuses.items()} == dict.fromkeys(SWEPT, "FINISHED"), statuses
     client = MlflowClient(outcome.tracking_uri)
     children = _children(client, outcome.parent_run_id)
-    assert sorted(children) == sorted(ALL) and all(len(v) == 1 for v in children.values())
+    assert sorted(children) == sorted(SWEPT) and all(len(v) == 1 for v in children.values())
     rows = {r["eps"]: r for r in outcome.table1}
     assert sorted(rows) == [0.1, 0.2]
     version = rows[0.1]["victim_version"]
@@ -110,6 +120,7 @@ def test_every_analysis_is_a_finished_child_run_of_the_sweep(analysed, tmp_path)
     items = {name: {i["key"]: i for i in p["items"]} for name, p in payloads.items()}
     assert {name: len(v) for name, v in items.items()} == {
         "breakdown": 2, "norm_curves": 1, "transfer": 2, "detection": 2, "pca": 2, "retraining": 1, "baselines": 1,
+        "query_detection": 2,
     }  # fmt: skip
     assert all(p["failed"] == [] for p in payloads.values())
     keys = ("cc-digits-surrogate-eps0.1", "cc-digits-surrogate-eps0.2")
@@ -155,10 +166,10 @@ def test_every_analysis_is_a_finished_child_run_of_the_sweep(analysed, tmp_path)
 
     # the state the sweep persists (its sweep_state.json), and a second call redoes nothing
     last = json.loads(saved[-1])["analyses"]
-    assert {k: v["status"] for k, v in last.items()} == dict.fromkeys(ALL, "FINISHED")
+    assert {k: v["status"] for k, v in last.items()} == dict.fromkeys(SWEPT, "FINISHED")
     again = run_sweep_analyses(_request(config, outcome, state=json.loads(saved[-1])))
     assert {k: s.status for k, s in again.items()} == dict.fromkeys(ALL, "SKIPPED")
-    assert {k: s.run_id for k, s in again.items()} == {k: s.run_id for k, s in statuses.items()}
+    assert {k: s.run_id for k, s in again.items()} == {k: statuses[k].run_id for k in ALL}
     assert all(len(v) == 1 for v in _children(client, outcome.parent_run_id).values())
     # the request read back from the finished sweep's parent run names the same rows and subset
     back = request_from_sweep(outcome.parent_run_id, "pca")
@@ -177,7 +188,7 @@ def test_report_of_the_parent_run_has_every_section_filled(analysed, tmp_path):
         assert _job().main(["--parent-run", outcome.parent_run_id, "--out", str(tmp_path / "report")]) == 0
     index = Path(printed.getvalue().strip())
     page = read_page(index)
-    assert page.states == dict.fromkeys(page.states, "filled") and len(page.states) == 10, page.states
+    assert page.states == dict.fromkeys(page.states, "filled") and len(page.states) == 11, page.states
     raw, text = index.read_text(), " ".join(page.text)
     assert 'class="missing"' not in raw and 'class="failed"' not in raw
     assert "not run yet" not in text and "not requested" not in text and "could not be shown" not in text
@@ -256,3 +267,116 @@ def test_a_failing_analysis_leaves_the_others_and_the_report_standing(swept, tmp
     for kind in ("norm_curves", "transfer", "detection", "retraining"):
         assert page.states[kind] == "not_requested", kind
         assert f"python jobs/report.py --sweep broken --run-analyses {kind}" in text
+
+
+def _ledger_used(path: Path) -> dict[str, int]:
+    with sqlite3.connect(path) as conn:
+        return {name: int(used) for name, used in conn.execute("SELECT name, used FROM api_keys")}
+
+
+def _replay(detector_db: Path, key_id: str, config) -> tuple[np.ndarray, np.ndarray]:
+    """(matched as the detector stored it, matched as a fresh index finds it) for every query of the key."""
+    with sqlite3.connect(detector_db) as conn:
+        stored = conn.execute(
+            "SELECT hashes, matched FROM detection_fingerprints WHERE scope = ? ORDER BY row", (f"key:{key_id}",)
+        ).fetchall()
+    fps = np.stack([np.frombuffer(h, np.uint64) for h, _ in stored])
+    return np.array([bool(m) for _, m in stored]), config.index().match(fps).matched
+
+
+def test_query_detection_child_run_reads_back_every_trial_key(swept, tmp_path):
+    from clusterattack.analyses.suite import SweepAnalysisRequest, run_sweep_analyses
+    from clusterattack.serving.detector_state import detector_db_path
+    from clusterattack.tracking.analyses import sweep_trial_runs
+    from clusterattack.tuning.targets import data_uri, sweep_detection
+
+    tmp, config, outcome = swept
+    status = outcome.analyses["query_detection"]
+    assert status.status == "FINISHED", status
+    client = MlflowClient(outcome.tracking_uri)
+    run = client.get_run(status.run_id)
+    tags = run.data.tags
+    assert (tags["analysis"], tags["phase"], tags["mlflow.parentRunId"]) == ("query_detection", "analysis", outcome.parent_run_id)
+    assert tags["generator"] == ",".join(r["generator"] for r in outcome.table1) and tags["seeds"] == "1,2"
+    assert tags["selection"] == "label_free" and tags["victim_version"].startswith("victim-cc-digits/")
+    assert run.data.params["detector.policy"] == "flag" and run.data.params["detector.flag_after"] == "25"
+    artifacts = {a.path for a in client.list_artifacts(status.run_id, "query_detection")}
+    assert artifacts == {"query_detection/keys.csv", "query_detection/keys.md"}
+    assert [a.path for a in client.list_artifacts(status.run_id, "figures")] == ["figures/keys.png"]
+    payload = json.loads(
+        Path(client.download_artifacts(status.run_id, "analysis/query_detection.json", str(tmp_path))).read_text()
+    )
+    assert payload["failed"] == []
+    items = {i["key"]: i["payload"] for i in payload["items"]}
+    assert sorted(items) == ["cc-digits-surrogate", "evaluator"]
+    rows = items["cc-digits-surrogate"]["rows"]
+
+    # one row per search trial (2 eps x 2 samples) and seed run (2 eps x 2 seeds), each with its run
+    trials = {r["trial_id"]: r for r in sweep_trial_runs(outcome.parent_run_id)}
+    assert sorted(r["trial_id"] for r in rows) == sorted(trials) and len(rows) == 8
+    assert sorted(r["phase"] for r in rows) == ["final"] * 4 + ["search"] * 4
+    assert all(r["run_id"] == trials[r["trial_id"]]["run_id"] for r in rows)
+
+    # images screened = images the ledger charged, key for key, and what each trial reported spending
+    folder = Path(config.storage) / config.experiment
+    used = _ledger_used(folder / "ledger.sqlite")
+    for r in rows:
+        assert r["queries"] == r["ledger_image_queries"] == used[f"trial-{r['trial_id']}"] > 0, r
+        reported = int(trials[r["trial_id"]]["metrics"]["image_queries"])  # the ledger's count at its last report
+        # a seed run reports last after its last query; a search trial ASHA stops may have asked a few more
+        assert reported == r["queries"] if r["phase"] == "final" else reported <= r["queries"], r
+    (evaluator,) = items["evaluator"]["rows"]
+    assert evaluator["queries"] == evaluator["ledger_image_queries"] == used["sweep-evaluator"] > 0
+
+    # each verdict is the detector's: replay the stored fingerprints in order through a fresh index
+    detection = sweep_detection(config)
+    assert detection.policy == "flag"
+    for r in rows:
+        assert r["queries"] <= detection.history  # every query's fingerprint is still stored
+        stored, replayed = _replay(Path(detector_db_path(str(folder / "ledger.sqlite"))), r["key_id"], detection)
+        assert len(stored) == r["queries"] and replayed.tolist() == stored.tolist(), r
+        assert int(replayed.sum()) == r["matched"] and r["matched_fraction"] == pytest.approx(r["matched"] / r["queries"])
+        recent = np.convolve(replayed.astype(int), np.ones(detection.flag_window, int))[: len(replayed)]
+        crossed = np.flatnonzero(recent >= detection.flag_after)
+        assert r["flagged"] == bool(crossed.size), r
+        assert r["queries_to_flag"] == (int(crossed[0]) + 1 if crossed.size else None), r
+        first = np.flatnonzero(replayed)
+        assert r["first_match_query"] == (int(first[0]) + 1 if first.size else None), r
+        if r["flagged"]:  # a flag needs flag_after matches, the first of them included
+            assert r["queries_to_flag"] >= r["first_match_query"] + detection.flag_after - 1, r
+    summary = items["cc-digits-surrogate"]
+    assert summary["keys"] == 8 and summary["flagged_keys"] == sum(r["flagged"] for r in rows)
+    assert run.data.metrics["flagged_keys"] == summary["flagged_keys"]
+
+    # a second call with the state the sweep persisted redoes nothing
+    state = json.loads((folder / "sweep_state.json").read_text())
+    assert state["analyses"]["query_detection"]["status"] == "FINISHED"
+    request = SweepAnalysisRequest(
+        sweep=config.experiment, parent_run_id=outcome.parent_run_id, tracking_uri=outcome.tracking_uri,
+        rows=outcome.table1, data_uris={"digits": data_uri(config, "digits")}, eval_limit=config.eval_limit,
+        seed=config.seed, analyses="query_detection", preset="tiny", state=state, use_ray=False,
+    )  # fmt: skip
+    again = run_sweep_analyses(request)
+    assert again["query_detection"].status == "SKIPPED" and again["query_detection"].run_id == status.run_id
+
+
+def test_query_detection_without_detector_state_fails_saying_why(swept):
+    """A request whose sweep ran without detection (no state read back): the analysis fails, the run says why."""
+    from clusterattack.analyses.suite import SweepAnalysisRequest, run_sweep_analyses
+    from clusterattack.tracking.sweeps import SweepRecorder
+    from clusterattack.tuning.targets import data_uri
+
+    _, config, outcome = swept
+    # A parent run of its own: the failed child run must not join the sweep's analyses.
+    recorder = SweepRecorder(outcome.tracking_uri)
+    parent = recorder.start_parent("no-detector", config.to_dict(), {"sweep": "no-detector", "preset": "tiny"})
+    recorder.end_run(parent)
+    request = SweepAnalysisRequest(
+        sweep="no-detector", parent_run_id=parent, tracking_uri=outcome.tracking_uri,
+        rows=outcome.table1, data_uris={"digits": data_uri(config, "digits")}, eval_limit=config.eval_limit,
+        seed=config.seed, analyses="query_detection", preset="tiny", use_ray=False,
+    )  # fmt: skip
+    status = run_sweep_analyses(request)["query_detection"]
+    assert status.status == "FAILED" and "no query-detector state" in status.error
+    run = MlflowClient(outcome.tracking_uri).get_run(status.run_id)
+    assert run.info.status == "FAILED" and "no query-detector state" in run.data.tags["error"]

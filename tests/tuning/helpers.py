@@ -182,3 +182,45 @@ def sweep_runs(client, experiment: str) -> tuple[object, list]:
     assert len(parents) == 1, f"expected one parent run named {experiment}, found {len(parents)}"
     children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parents[0].info.run_id]
     return parents[0], children
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp_path: Path):
+    """``mlflow server`` on loopback over a sqlite store of its own, artifacts proxied by it; yields its URL."""
+    port = free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(
+        [
+            str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination", (tmp_path / "server-artifacts").as_uri(),
+        ],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "the MLflow server did not answer within 120 s"
+        time.sleep(1)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def rest(url: str, endpoint: str, **params):
+    """GET ``/api/2.0/mlflow/<endpoint>`` of the tracking server at ``url``, as its JSON."""
+    answer = requests.get(f"{url}/api/2.0/mlflow/{endpoint}", params=params, timeout=30)
+    assert answer.ok, f"{endpoint}: {answer.status_code} {answer.text[:500]}"
+    return answer.json()

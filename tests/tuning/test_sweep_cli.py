@@ -1,4 +1,6 @@
-"""The sweep as people run it: ``ray job submit`` to a local cluster, and Ctrl-C then ``--resume``."""
+"""The sweep as people run it on a cluster: ``ray job submit`` to a Ray head, logging to an MLflow
+tracking server over HTTP (what cluster.yaml and the KubeRay manifests configure), read back
+through the server's REST API; and Ctrl-C then ``--resume``."""
 
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ import time
 import uuid
 
 import pytest
+import requests
 
 from tests.tuning.helpers import (
     REPO,
     VENV_BIN,
     LocalHead,
     mlflow_client,
+    mlflow_server,
+    rest,
     sweep_args,
     sweep_env,
     sweep_runs,
@@ -45,22 +50,23 @@ def _wait_for_job(address: str, submission_id: str, output: str) -> tuple[int, s
     return (0 if status == JobStatus.SUCCEEDED else 1), f"{output}{logs}\njob {submission_id} {status.value.lower()}\n"
 
 
-def test_ray_job_submit_runs_the_sweep_on_a_local_cluster(tmp_path):
+def test_ray_job_submit_runs_the_sweep_logging_to_a_tracking_server_over_http(tmp_path):
     env = sweep_env(tmp_path)
-    runtime_env = {
-        # The job's driver runs in a copy of the working dir: MLflow must point at our store.
-        "env_vars": {k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CLUSTERATTACK_ARTIFACT_ROOT",
-                                         "TQDM_DISABLE")},
-        # .gitignore already keeps these out; said again so the upload stays small anyway.
-        "excludes": [".git", ".venv", "mlruns", "data", "runs", "*.pyc", ".pytest_cache", ".ruff_cache"],
-    }  # fmt: skip
-    submission_id = f"sweep-{uuid.uuid4().hex[:12]}"
-    with LocalHead(tmp_path, env) as head:
+    env.pop("CLUSTERATTACK_ARTIFACT_ROOT")  # the server decides where artifacts go
+    with mlflow_server(tmp_path) as server, LocalHead(tmp_path, env) as head:
+        env.update(MLFLOW_TRACKING_URI=server, MLFLOW_REGISTRY_URI=server)
+        runtime_env = {
+            # The job's driver runs in a copy of the working dir: MLflow must point at the server.
+            "env_vars": {k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "TQDM_DISABLE")},
+            # .gitignore already keeps these out; said again so the upload stays small anyway.
+            "excludes": [".git", ".venv", "mlruns", "data", "runs", "*.pyc", ".pytest_cache", ".ruff_cache"],
+        }  # fmt: skip
+        submission_id = f"sweep-{uuid.uuid4().hex[:12]}"
+        job = sweep_args(tmp_path, "job", "--eps", "0.15", "--num-samples", "2", "--seeds", "1", "--quiet")
         command = [
             str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard_url,
             "--submission-id", submission_id,
-            "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env),
-            "--", "python", *sweep_args(tmp_path, "job", "--num-samples", "2", "--quiet"),
+            "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--", "python", *job,
         ]  # fmt: skip
         # The dashboard answers before the head's job agent has registered; Ray then says
         # "No available agent to submit job, please try again later": do as it says.
@@ -78,16 +84,52 @@ def test_ray_job_submit_runs_the_sweep_on_a_local_cluster(tmp_path):
             # Do what the README tells users to do then: wait on the job, read its logs.
             returncode, output = _wait_for_job(head.dashboard_url, submission_id, output)
         agent_log = head.agent_log_tail() if returncode != 0 else ""
-    assert returncode == 0, _tail(output) + "\n--- dashboard_agent.log ---\n" + agent_log
-    assert "succeeded" in output, _tail(output)
-    assert "Table 1" in output and "generator-cc-digits/1" in output, _tail(output)
+        assert returncode == 0, _tail(output) + "\n--- dashboard_agent.log ---\n" + agent_log
+        assert "succeeded" in output, _tail(output)
+        assert "Table 1" in output and "generator-cc-digits/1" in output, _tail(output)
+        _read_back_over_http(server)
+    # Nothing went to a local store: the sweep's only store is the server.
+    assert not (tmp_path / "mlflow.db").exists()
 
-    client = mlflow_client(tmp_path)
-    parent, children = sweep_runs(client, "job")
-    # 2 trials at each of the tiny preset's 2 eps values, then 2 seed runs per eps.
-    assert parent.info.status == "FINISHED" and len(children) == 8
-    assert sorted(c.data.tags["phase"] for c in children) == ["final"] * 4 + ["search"] * 4
-    assert client.get_model_version("generator-cc-digits", "1").status == "READY"
+
+def _read_back_over_http(server: str) -> None:
+    experiment = rest(server, "experiments/get-by-name", experiment_name="sweeps")["experiment"]
+    runs = requests.post(
+        f"{server}/api/2.0/mlflow/runs/search",
+        json={"experiment_ids": [experiment["experiment_id"]], "max_results": 100}, timeout=30,
+    ).json()["runs"]  # fmt: skip
+    tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+    parents = [r for r in runs if "mlflow.parentRunId" not in tags[r["info"]["run_id"]]]
+    (parent,) = [p for p in parents if p["info"]["run_name"] == "job"]
+    parent_id = parent["info"]["run_id"]
+    assert parent["info"]["status"] == "FINISHED" and tags[parent_id]["selection"] == "label_free"
+    children = [r for r in runs if tags[r["info"]["run_id"]].get("mlflow.parentRunId") == parent_id]
+    # Two search trials at the one eps, then one seed run of the best, each with its params and streamed metrics.
+    assert sorted(tags[c["info"]["run_id"]]["phase"] for c in children) == ["final", "search", "search"]
+    for child in children:
+        assert child["info"]["status"] == "FINISHED"
+        params = {p["key"]: p["value"] for p in child["data"]["params"]}
+        metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
+        assert params["eps"] == "0.15" and params["selection"] == "label_free"
+        assert metrics["image_queries"] > 0 and "objective" in metrics
+        history = rest(server, "metrics/get-history", run_id=child["info"]["run_id"], metric_key="epoch")
+        steps = [m["step"] for m in history["metrics"]]
+        assert steps[0] == 1 and sorted(set(steps)) == list(range(1, max(steps) + 1)), steps
+
+    # The tables are artifacts the server holds and serves.
+    listed = rest(server, "artifacts/list", run_id=parent_id, path="tables")
+    names = {f["path"] for f in listed["files"]}
+    assert {"tables/table1_attack.csv", "tables/table2_queries.parquet"} <= names
+    csv = requests.get(
+        f"{server}/get-artifact", params={"path": "tables/table1_attack.csv", "run_uuid": parent_id}, timeout=30
+    )
+    assert csv.ok and "cc" in csv.text and "label_free" in csv.text
+
+    # The generator is registered in the server's registry, tagged with how it was chosen.
+    versions = rest(server, "model-versions/search", filter="name='generator-cc-digits'")["model_versions"]
+    assert len(versions) == 1 and versions[0]["status"] == "READY"
+    version_tags = {t["key"]: t["value"] for t in versions[0].get("tags", [])}
+    assert version_tags["selection"] == "label_free" and float(version_tags["eps"]) == 0.15
 
 
 def test_an_interrupted_oracle_sweep_resumes_where_it_stopped_and_says_it_is_oracle(tmp_path):
