@@ -63,9 +63,12 @@ def artifact_root(uri: str | None = None) -> str | None:
     return (Path.cwd() / STORE_DIR / "artifacts").resolve().as_uri()
 
 
-def configure(tracking_uri: str | None = None) -> str:
+def configure(tracking_uri: str | None = None, registry_uri: str | None = None) -> str:
     """Point MLflow (tracking and registry) at ``tracking_uri``, the environment's, or the default store.
 
+    The registry is ``registry_uri``, else ``MLFLOW_REGISTRY_URI``, else the tracking store.
+    Work shipped to Ray workers passes both URIs it was given by its driver: a worker of a
+    long-lived cluster keeps the environment it started with, which may name another registry.
     The chosen URI is exported as ``MLFLOW_TRACKING_URI`` when that was unset, so child
     processes (Ray workers, ``mlflow ui`` started from here) see the same store.
     """
@@ -73,7 +76,7 @@ def configure(tracking_uri: str | None = None) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    mlflow.set_registry_uri(registry_uri or os.environ.get("MLFLOW_REGISTRY_URI") or uri)
     os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
     return uri
 

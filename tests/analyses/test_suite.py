@@ -226,6 +226,27 @@ def _unloadable_generator(client: MlflowClient, tmp: Path) -> str:
     return f"generator-cc-digits/{version.version}"
 
 
+def test_analyses_read_the_registry_the_request_names_not_the_workers_environment(swept, tmp_path, monkeypatch):
+    """A Ray worker keeps the environment it started with; on a long-lived cluster that may name
+    another registry than the driver's (seen when the session's Ray was started by an earlier
+    test with its own store). The request carries the driver's registry to the worker."""
+    from clusterattack.analyses.suite import run_sweep_analyses
+    from clusterattack.tracking.sweeps import SweepRecorder
+
+    _, config, outcome = swept
+    recorder = SweepRecorder(outcome.tracking_uri)
+    parent = recorder.start_parent("stale-worker", config.to_dict(), {"sweep": "stale-worker", "preset": "tiny"})
+    recorder.end_run(parent)
+    request = _request(config, outcome, sweep="stale-worker", parent_run_id=parent, analyses=("breakdown",),
+                       use_ray=False)  # fmt: skip
+    assert request.registry_uri == os.environ["MLFLOW_REGISTRY_URI"] == outcome.tracking_uri
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'another-store.db'}")
+    statuses = run_sweep_analyses(request)
+    assert statuses["breakdown"].status == "FINISHED", statuses
+    (run,) = _children(MlflowClient(outcome.tracking_uri), parent)["breakdown"]
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+
+
 def test_a_failing_analysis_leaves_the_others_and_the_report_standing(swept, tmp_path):
     """Through ``jobs/report.py --run-analyses`` (the request read back from the parent run)."""
     from clusterattack.tracking.sweeps import SweepRecorder

@@ -52,7 +52,7 @@ def run_analysis(name: str, request: SweepAnalysisRequest, run_id: str) -> dict[
 
     if name not in _ANALYSES:
         raise ValueError(f"unknown analysis {name!r}, expected one of {ANALYSES}")
-    configure(request.tracking_uri)
+    configure(request.tracking_uri, request.registry_uri)
     torch.set_num_threads(request.threads)
     started = time.perf_counter()
     out = _Outcome()
@@ -92,7 +92,7 @@ def run_sweep_analyses(request: SweepAnalysisRequest) -> dict[str, AnalysisStatu
     )
     from clusterattack.tracking.store import configure
 
-    configure(request.tracking_uri)
+    configure(request.tracking_uri, request.registry_uri)
     record = request.state.setdefault("analyses", {})
     requested = [a for a in ANALYSES if a in request.analyses or a in record]
     set_parent_tags(request.parent_run_id, {REQUESTED_TAG: ",".join(requested)})

@@ -6,6 +6,7 @@ See :mod:`clusterattack.analyses.suite` for the analyses and their sizes.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,8 @@ class SweepAnalysisRequest:
     ``device`` ("cpu", or "cuda" with ``gpus_per_task`` > 0) where the analyses that train
     generators (norm curves, the fresh attack of retraining) train them; the rest runs on CPU.
     ``use_ray`` False runs the analyses one after another in this process (debugging).
+    ``registry_uri`` is the model registry the generators are read from (default: the one this
+    process would use for ``tracking_uri``); the request carries it to the Ray workers.
     ``detector`` is what the sweep's query detector recorded of its keys
     (:func:`~clusterattack.analyses.suite.query_detection.read_detector_state`), read where the
     sweep's folder is; None when its deployments ran without detection (``query_detection``
@@ -87,6 +90,7 @@ class SweepAnalysisRequest:
     victim_preset: str = "demo"
     ray_address: str | None = None
     use_ray: bool = True
+    registry_uri: str | None = None
     detector: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     state: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     persist: Callable[[], None] | None = field(default=None, compare=False, repr=False)
@@ -95,6 +99,9 @@ class SweepAnalysisRequest:
         for name in ("sweep", "parent_run_id", "tracking_uri"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if not self.registry_uri:
+            # Read where the request is made (the driver), not where it runs (a Ray worker).
+            object.__setattr__(self, "registry_uri", os.environ.get("MLFLOW_REGISTRY_URI") or self.tracking_uri)
         object.__setattr__(self, "analyses", parse_analyses(self.analyses))
         object.__setattr__(self, "rows", tuple(dict(r) for r in self.rows))
         object.__setattr__(self, "table2", tuple(dict(r) for r in self.table2))
@@ -174,8 +181,6 @@ def request_from_sweep(
     ``query_detection`` the detector state is read from the sweep's folder on this machine
     (there only when the sweep asked for it from the start, which turned detection on).
     """
-    import os
-
     from mlflow.tracking import MlflowClient
 
     from clusterattack.tracking.reports import read_sweep
