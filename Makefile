@@ -21,11 +21,14 @@ demo: setup
 	$(PY) jobs/sweep.py --preset demo
 	$(PY) jobs/report.py
 
+# Two pytest-xdist workers, a module at a time each, the longest modules first (tests/conftest.py).
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .
