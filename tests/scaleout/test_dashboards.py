@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 from tests.scaleout.dashboards import (
     PROMETHEUS_YML,
     dashboards,
@@ -302,9 +302,5 @@ def test_every_panel_has_data(tmp_path):
         assert any(str(report["metrics_port"]) in t["scrapeUrl"] for t in targets), targets
     finally:
         if prometheus is not None:
-            prometheus.terminate()
-            try:
-                prometheus.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                prometheus.kill()
+            stop_process(prometheus)
         stack.stop()
