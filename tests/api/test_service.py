@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -280,8 +281,21 @@ def test_albums_survive_redeploying_the_replicas(album_env):
     changed = dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_albums_per_key=MAX_ALBUMS + 1))
     deploy_album_service(PrototypeModel(), name=KMEANS_APP, config=changed, ledger=album_env.ledger)
     album_env.configs[KMEANS_APP] = changed
-    after = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-    assert {n for n in before - after if KMEANS_APP in n}, "the replica was not replaced"
+
+    def replicas(names: set[str]) -> set[str]:  # the store actor, named after the app too, stays
+        return {n for n in names if n.startswith("SERVE_REPLICA::") and KMEANS_APP in n}
+
+    # The deploy returns once the new replica is ready; the old one may still be draining then
+    # (seen on a loaded machine): wait until it is gone, so the reads below reach the new one.
+    old = replicas(before)
+    deadline = time.monotonic() + 120
+    while True:
+        now = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        if old and not old & now:
+            break
+        assert time.monotonic() < deadline, f"the replica was not replaced within 120 s: {sorted(old & now)}"
+        time.sleep(0.5)
+    assert replicas(now - before), "no new replica serves the app"
     detail = call("GET", f"{album_env.url(KMEANS_APP)}/v1/albums/{token}", key).json()
     assert [row["image_id"] for row in detail["images"]] == ids
     info = call("GET", album_env.url(KMEANS_APP) + "/v1/info", key).json()
