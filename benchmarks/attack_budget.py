@@ -179,7 +179,9 @@ def run_one(victim_name: str, recipe: str, seed: int, args: argparse.Namespace, 
     from clusterattack.metrics import clustering_scores
 
     nmi_pre = float(clustering_scores(test_y, clean_test.argmax(1).numpy())["nmi"])
-    run = Run(victim_name, str(version.version), recipe, seed, config.to_dict(), nmi_pre)
+    # The table, figure and record name what ran: the recipe and any --set that changed it.
+    label = "+".join([recipe, *args.overrides])
+    run = Run(victim_name, str(version.version), label, seed, config.to_dict(), nmi_pre)
 
     attacked = CountingVictim(victim)
     source = make_gradient_source(attacked, config)
