@@ -30,7 +30,7 @@ from clusterattack.reports.html import (
 )
 
 if TYPE_CHECKING:
-    from clusterattack.reports.report import AnalysisResult, ReportData
+    from clusterattack.reports.data import AnalysisResult, ReportData
 
 __all__ = ["ANALYSIS_KINDS", "PAPER_DETECTION", "absent_html", "analysis_sections", "code_text", "failure_html"]
 

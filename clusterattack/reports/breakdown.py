@@ -1,6 +1,6 @@
 """Confusion matrices and the Fig. 1 image grid of one generator against its victim, recomputed for the report.
 
-Models and images in, a :class:`~clusterattack.reports.report.Breakdown` out: the victim is
+Models and images in, a :class:`~clusterattack.reports.data.Breakdown` out: the victim is
 queried locally on clean and perturbed images (no store, no served API, no budget).
 """
 
@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from clusterattack.attacks.evaluate import evaluate_attack
 from clusterattack.attacks.gan import perturb_images
 from clusterattack.metrics import hungarian_matching
-from clusterattack.reports.report import Breakdown
+from clusterattack.reports.data import Breakdown
 
 __all__ = ["ARRAY_FIELDS", "breakdown_from_record", "breakdown_to_record", "compute_breakdown", "grid_indices", "ordered_confusions"]
 

@@ -26,7 +26,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from clusterattack.reports.report import (
+from clusterattack.reports.data import (
     AnalysisResult,
     ReportData,
     SweepTables,
