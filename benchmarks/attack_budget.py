@@ -12,6 +12,7 @@ scoring time is left out.
 
     python benchmarks/attack_budget.py --victims scan,ruc --recipes strong,fast --seeds 0,1
     python benchmarks/attack_budget.py                      # all six victims, strong and fast, seed 0
+    python benchmarks/attack_budget.py --victims scan,ruc --seeds 0,1 --resume   # goes on after an interruption
 
 Table (markdown, CSV), figure (PNG), the JSON of every run and a record under
 ``docs/results/`` (``--record``) go to ``--out``. Hours on 2 CPU cores for the strong recipe
@@ -75,9 +76,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/bench/attack_budget")
-    p.add_argument("--record", action="store_true", help="also write docs/results/attack_budget_<dataset>.json")
+    p.add_argument(
+        "--record", nargs="?", const="", default=None, metavar="NAME",
+        help="also write a record, docs/results/NAME.json (default NAME: attack_budget_<dataset>)",
+    )
+    p.add_argument(
+        "--resume", action="store_true",
+        help="keep the runs already in --out whose victim version and attack config are the ones this run "
+        "would use (an interrupted run goes on where it stopped; their code commits go in the record)",
+    )
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.record:
+        from clusterattack.reports.records import is_record_id
+
+        if not is_record_id(args.record):
+            p.error(f"--record {args.record!r}: a record's name is a-z, 0-9, '_', '.', '-' (its file name)")
+    return args
 
 
 @dataclass
@@ -101,6 +116,8 @@ class Run:
     linf_max: float = math.nan
     selected_epoch: int | None = None
     wall_s: float = 0.0
+    commit: str = ""
+    reused: bool = False
 
     @property
     def nmi_drop(self) -> float:
@@ -119,12 +136,24 @@ class Run:
             "image_queries": self.image_queries, "calls": self.calls,
             "calls_256": math.ceil(self.image_queries / 256), "wall_s": round(self.wall_s, 1),
             "pretext_s": round(self.pretext_s, 1), "pretext_cached": self.pretext_cached,
-            "selected_epoch": self.selected_epoch,
+            "selected_epoch": self.selected_epoch, "commit": self.commit,
         }  # fmt: skip
         out.update({f"stage.{k}": round(v, 1) for k, v in self.stages.items()})
         for mark in MARKS:
             out[f"drop_at_{mark}"] = self.drop_at(mark)
         return out
+
+    @classmethod
+    def from_file(cls, data: dict[str, Any]) -> Run:
+        """A run as :func:`main` wrote it (``row()`` with its curve and config)."""
+        stages = {k.removeprefix("stage."): v for k, v in data.items() if k.startswith("stage.")}
+        names = ("pretext_s", "pretext_cached", "image_queries", "calls", "nmi_post", "changed_fraction",
+                 "linf_max", "selected_epoch", "wall_s", "commit")  # fmt: skip
+        return cls(
+            data["victim"], str(data["victim_version"]), data["recipe"], int(data["seed"]), data["config"],
+            data["nmi_pre"], curve=data["curve"], stages=stages, reused=True,
+            **{k: data[k] for k in names if k in data},
+        )
 
 
 def _soft(victim: Any, images: torch.Tensor) -> bool:
@@ -146,8 +175,14 @@ def _score(victim: Any, generator: Any, config: Any, x: torch.Tensor, y: Any, cl
     return scores
 
 
-def run_one(victim_name: str, recipe: str, seed: int, args: argparse.Namespace, data: Any) -> Run:
-    """Train one attack, scoring after every epoch; the stage times of its wall clock."""
+def run_one(
+    victim_name: str, recipe: str, seed: int, args: argparse.Namespace, data: Any, done: Path | None = None
+) -> Run:
+    """Train one attack, scoring after every epoch; the stage times of its wall clock.
+
+    ``done``: the file an earlier run of the same (victim, recipe, seed) wrote; it is returned
+    instead of a new run when its victim version and attack config are this run's.
+    """
     from clusterattack.attacks import AttackConfig, CountingVictim
     from clusterattack.attacks.counting import read_counts
     from clusterattack.attacks.gan import train_generator, training_split
@@ -155,6 +190,7 @@ def run_one(victim_name: str, recipe: str, seed: int, args: argparse.Namespace, 
     from clusterattack.attacks.gradients.pretext import attacker_backbone, attacker_cache_dir
     from clusterattack.attacks.recipes import apply_recipe
     from clusterattack.cli import key_value
+    from clusterattack.tracking.store import source_tags
     from clusterattack.tracking.sweeps import newest_version
     from clusterattack.victims.io import load_victim
 
@@ -182,6 +218,13 @@ def run_one(victim_name: str, recipe: str, seed: int, args: argparse.Namespace, 
     # The table, figure and record name what ran: the recipe and any --set that changed it.
     label = "+".join([recipe, *args.overrides])
     run = Run(victim_name, str(version.version), label, seed, config.to_dict(), nmi_pre)
+    run.commit = source_tags().get("clusterattack.git_commit", "")
+    if done is not None and done.exists():
+        earlier = Run.from_file(json.loads(done.read_text()))
+        same = (earlier.victim_version, earlier.config) == (run.victim_version, json.loads(json.dumps(run.config)))
+        if same:
+            return earlier
+        log.warning("%s was made with another victim version or attack config: running it again", done)
 
     attacked = CountingVictim(victim)
     source = make_gradient_source(attacked, config)
@@ -354,11 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     for model in [m.strip() for m in args.victims.split(",") if m.strip()]:
         for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
             for seed in [int(s) for s in per_victim.get(model, args.seeds).split(",") if s.strip()]:
-                run = run_one(f"victim-{model}-{args.dataset}", recipe, seed, args, data)
+                path = out / f"{model}-{recipe}-s{seed}.json"
+                run = run_one(f"victim-{model}-{args.dataset}", recipe, seed, args, data, path if args.resume else None)
                 runs.append(run)
-                (out / f"{model}-{recipe}-s{seed}.json").write_text(json.dumps({**run.row(), "curve": run.curve,
-                                                                                 "config": run.config}, indent=2))  # fmt: skip
-                print(f"{model:6} {recipe:8} seed {seed}: NMI {run.nmi_pre:.3f} -> {run.nmi_post:.3f} "
+                if not run.reused:
+                    path.write_text(json.dumps({**run.row(), "curve": run.curve, "config": run.config}, indent=2))
+                print(f"{model:6} {recipe:8} seed {seed}{' (kept from ' + str(path) + ')' if run.reused else ''}: "
+                      f"NMI {run.nmi_pre:.3f} -> {run.nmi_post:.3f} "
                       f"({100 * run.nmi_drop:.1f}% drop), {run.image_queries:,} image-queries, "
                       f"{run.wall_s / 60:.1f} min (+ pretext {run.pretext_s / 60:.1f} min"
                       f"{', cached' if run.pretext_cached else ''})", flush=True)  # fmt: skip
@@ -385,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{recipe}: goal (>= {GOAL_DROP:.0%} drop, <= {GOAL_QUERIES:,} image-queries, <= {GOAL_WALL_S / 60:.0f} "
               f"min) met on {met} of {len(group)} victims")  # fmt: skip
     print(f"figure: {out / 'attack_budget.png'}; total {time.perf_counter() - started:.0f} s")
-    if args.record:
+    if args.record is not None:
         _record(args, runs, summary, source_tags(), time.perf_counter() - started, data["sizes"])
     return 0
 
@@ -423,8 +468,12 @@ def _record(args: argparse.Namespace, runs: list[Run], summary: list[dict], tags
         "gradient_source": args.gradient_source, "selection": "none (the recipe's last epoch)",
         "eps": args.eps, "norm": "linf", "wall_s": wall,
     }  # fmt: skip
+    kept = [r for r in runs if r.reused]
+    if kept:
+        # A resumed run: its wall_s is this process's; the attacks kept from earlier ones name their code.
+        provenance["resumed"] = {"runs_kept": len(kept), "commits": sorted({r.commit or "unknown" for r in kept})}
     path = write_record(
-        f"attack_budget_{args.dataset}", rows, provenance, kind="attack",
+        args.record or f"attack_budget_{args.dataset}", rows, provenance, kind="attack",
         title="NMI drop against image-queries: the attack recipes compared (benchmarks/attack_budget.py)",
         description=(
             "Surrogate mode, L-inf eps 0.1, the whole test split scored. Wall time is the attack's own on "

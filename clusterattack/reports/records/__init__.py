@@ -50,6 +50,7 @@ from clusterattack.reports.records.schema import (
     SCHEMA_VERSION,
     Record,
     RecordError,
+    is_record_id,
     validate_record,
 )
 
@@ -71,6 +72,7 @@ __all__ = [
     "code_provenance",
     "machine_description",
     "format_value",
+    "is_record_id",
     "load_record",
     "load_records",
     "mean_std",

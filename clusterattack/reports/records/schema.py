@@ -22,6 +22,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Record",
     "RecordError",
+    "is_record_id",
     "validate_record",
 ]
 
@@ -65,6 +66,13 @@ _TOP_KEYS = {
 _COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _RECORD_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,80}$")
+
+
+def is_record_id(text: str) -> bool:
+    """Whether ``text`` can name a record (its id and file name): what a job checks before it runs."""
+    return bool(_RECORD_ID.match(text))
+
+
 _STAT_KEYS = {"mean", "std", "n"}
 
 _DEFAULT_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
