@@ -1,0 +1,61 @@
+"""benchmarks/attack_budget.py end to end on a tiny registered victim: its files, and --resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.attacks.conftest import load_benchmark
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+def _train_tiny_cc(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("train_victims", JOBS / "train_victims.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    argv = ["--model", "cc", "--dataset", "digits", "--epochs", "1", "--train-limit", "256",
+            "--checkpoint-dir", str(tmp_path / "ckpt"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+    assert job.main(argv) == 0
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_what_matches_and_runs_again_what_changed(mlflow_uri, tmp_path, capsys):
+    _train_tiny_cc(tmp_path)
+    bench = load_benchmark("attack_budget")
+    out = tmp_path / "bench"
+    argv = ["--victims", "cc", "--dataset", "digits", "--recipes", "default", "--seeds", "0", "--threads", "1",
+            "--set", "epochs=2", "--set", "train_limit=256", "--set", "surrogate.distill_queries=256",
+            "--set", "surrogate.refresh_rounds=0", "--n-test", "128", "--out", str(out), "--quiet"]  # fmt: skip
+    assert bench.main(argv) == 0
+    first = capsys.readouterr().out
+    path = out / "cc-default-s0.json"
+    saved = json.loads(path.read_text())
+    assert "kept from" not in first and len(saved["curve"]) == 2
+    assert saved["image_queries"] > 0 and len(saved["commit"]) in (0, 40)
+    assert saved["linf_max"] <= 0.1 + 1e-6  # the benchmark's default eps bounds every image
+
+    assert bench.main([*argv, "--resume"]) == 0
+    kept = capsys.readouterr().out
+    assert f"(kept from {path})" in kept
+    assert json.loads(path.read_text()) == saved  # the file was not written again
+    # The table is rebuilt from the kept run: its queries, not a fresh attack's.
+    assert f"{saved['image_queries']:,}" in kept
+
+    # Another attack config under the same name is run again, not passed off as the old one.
+    assert bench.main([*argv, "--resume", "--set", "alpha_c=0.5"]) == 0
+    again = capsys.readouterr().out
+    assert "kept from" not in again
+    assert json.loads(path.read_text())["config"]["alpha_c"] == 0.5
+
+
+def test_a_record_name_that_cannot_be_a_file_name_is_refused_before_any_work(capsys):
+    bench = load_benchmark("attack_budget")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--record", "../elsewhere"])
+    assert "--record '../elsewhere'" in capsys.readouterr().err
+    assert bench.parse_args(["--record"]).record == ""  # the default name, attack_budget_<dataset>
+    assert bench.parse_args(["--record", "strong-vs-fast"]).record == "strong-vs-fast"
