@@ -117,6 +117,7 @@ class Run:
     selected_epoch: int | None = None
     wall_s: float = 0.0
     commit: str = ""
+    dirty: bool | None = None
     reused: bool = False
 
     @property
@@ -136,7 +137,7 @@ class Run:
             "image_queries": self.image_queries, "calls": self.calls,
             "calls_256": math.ceil(self.image_queries / 256), "wall_s": round(self.wall_s, 1),
             "pretext_s": round(self.pretext_s, 1), "pretext_cached": self.pretext_cached,
-            "selected_epoch": self.selected_epoch, "commit": self.commit,
+            "selected_epoch": self.selected_epoch, "commit": self.commit, "dirty": self.dirty,
         }  # fmt: skip
         out.update({f"stage.{k}": round(v, 1) for k, v in self.stages.items()})
         for mark in MARKS:
@@ -148,7 +149,7 @@ class Run:
         """A run as :func:`main` wrote it (``row()`` with its curve and config)."""
         stages = {k.removeprefix("stage."): v for k, v in data.items() if k.startswith("stage.")}
         names = ("pretext_s", "pretext_cached", "image_queries", "calls", "nmi_post", "changed_fraction",
-                 "linf_max", "selected_epoch", "wall_s", "commit")  # fmt: skip
+                 "linf_max", "selected_epoch", "wall_s", "commit", "dirty")  # fmt: skip
         return cls(
             data["victim"], str(data["victim_version"]), data["recipe"], int(data["seed"]), data["config"],
             data["nmi_pre"], curve=data["curve"], stages=stages, reused=True,
@@ -218,7 +219,9 @@ def run_one(
     # The table, figure and record name what ran: the recipe and any --set that changed it.
     label = "+".join([recipe, *args.overrides])
     run = Run(victim_name, str(version.version), label, seed, config.to_dict(), nmi_pre)
-    run.commit = source_tags().get("clusterattack.git_commit", "")
+    tags = source_tags()
+    run.commit = tags.get("clusterattack.git_commit", "")
+    run.dirty = {"true": True, "false": False}.get(tags.get("clusterattack.git_dirty", ""))
     if done is not None and done.exists():
         earlier = Run.from_file(json.loads(done.read_text()))
         same = (earlier.victim_version, earlier.config) == (run.victim_version, json.loads(json.dumps(run.config)))
@@ -452,6 +455,9 @@ def _record(args: argparse.Namespace, runs: list[Run], summary: list[dict], tags
             "seeds": [r.seed for r in group], "wall_s": s["wall_s"],
             "image_queries": round(queries), "calls": round(mean_std([r.calls for r in group])["mean"]),
             "calls_256": math.ceil(queries / 256),
+            # The code each row's attacks ran (a resumed run keeps attacks made at other commits).
+            **({"commit": group[0].commit} if group[0].commit and len({r.commit for r in group}) == 1 else {}),
+            **({"dirty": group[0].dirty} if group[0].dirty is not None and len({r.dirty for r in group}) == 1 else {}),
             "metrics": {
                 "nmi_pre": mean_std([r.nmi_pre for r in group]),
                 "nmi_post": mean_std([r.nmi_post for r in group]),
@@ -471,7 +477,10 @@ def _record(args: argparse.Namespace, runs: list[Run], summary: list[dict], tags
     kept = [r for r in runs if r.reused]
     if kept:
         # A resumed run: its wall_s is this process's; the attacks kept from earlier ones name their code.
-        provenance["resumed"] = {"runs_kept": len(kept), "commits": sorted({r.commit or "unknown" for r in kept})}
+        provenance["resumed"] = {
+            "runs_kept": len(kept), "commits": sorted({r.commit or "unknown" for r in kept}),
+            "runs_wall_s": round(sum(r.wall_s + r.pretext_s for r in runs), 1),
+        }  # fmt: skip
     path = write_record(
         args.record or f"attack_budget_{args.dataset}", rows, provenance, kind="attack",
         title="NMI drop against image-queries: the attack recipes compared (benchmarks/attack_budget.py)",
