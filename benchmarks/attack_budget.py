@@ -483,7 +483,11 @@ def _record(args: argparse.Namespace, runs: list[Run], summary: list[dict], tags
         }  # fmt: skip
     path = write_record(
         args.record or f"attack_budget_{args.dataset}", rows, provenance, kind="attack",
-        title="NMI drop against image-queries: the attack recipes compared (benchmarks/attack_budget.py)",
+        title=(
+            f"NMI drop against image-queries: {', '.join(dict.fromkeys(r.recipe for r in runs))} on "
+            f"{', '.join(dict.fromkeys(r.victim.removeprefix('victim-').rsplit('-', 1)[0].upper() for r in runs))} "
+            "(benchmarks/attack_budget.py)"
+        ),
         description=(
             "Surrogate mode, L-inf eps 0.1, the whole test split scored. Wall time is the attack's own on "
             "this machine (scoring left out); pretext_s the attacker's SimCLR backbones, paid once per data "
