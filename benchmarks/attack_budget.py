@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the runs already in --out whose victim version and attack config are the ones this run "
         "would use (an interrupted run goes on where it stopped; their code commits go in the record)",
     )
+    p.add_argument(
+        "--collect", action="append", default=[], metavar="DIR",
+        help="run nothing: gather the runs that earlier invocations left in DIR (repeatable) into one table, "
+        "figure and record, each labelled by what its configuration changes from the others'",
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.record:
@@ -295,6 +300,23 @@ def run_one(
     return run
 
 
+def _collect(dirs: list[Path]) -> tuple[list[tuple[Run, Path]], list[str]]:
+    """The runs saved in ``dirs``, each labelled by the ``+``-joined changes of its label that not
+    every run shares (``fast+epochs=3+alpha_a=12`` and ``fast+epochs=3`` become ``fast+alpha_a=12``
+    and ``fast``), and the changes every run shares."""
+    found = []
+    for directory in dirs:
+        files = sorted(directory.glob("*-s*.json"))
+        if not files:
+            raise SystemExit(f"--collect {directory}: no run files (<victim>-<recipe>-s<seed>.json) there")
+        found += [(Run.from_file(json.loads(f.read_text())), f) for f in files]
+    tokens = [run.recipe.split("+") for run, _ in found]
+    shared = set.intersection(*(set(t[1:]) for t in tokens))
+    for (run, _), parts in zip(found, tokens, strict=True):
+        run.recipe = "+".join([parts[0], *(t for t in parts[1:] if t not in shared)])
+    return found, [t for t in tokens[0][1:] if t in shared]
+
+
 def _load_data(dataset: str, n_test: int | None) -> dict[str, Any]:
     from clusterattack.data import load_dataset
 
@@ -397,7 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.victim_seeds:
         who, _, seeds = text.partition("=")
         per_victim[who.strip()] = seeds
-    for model in [m.strip() for m in args.victims.split(",") if m.strip()]:
+    collected, shared = _collect([Path(d) for d in args.collect]) if args.collect else (None, [])
+    for run, path in collected or ():
+        runs.append(run)
+        print(f"{run.victim} {run.recipe} seed {run.seed} (from {path}): NMI {run.nmi_pre:.3f} -> "
+              f"{run.nmi_post:.3f} ({100 * run.nmi_drop:.1f}% drop), {run.image_queries:,} image-queries", flush=True)  # fmt: skip
+    for model in [] if collected else [m.strip() for m in args.victims.split(",") if m.strip()]:
         for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
             for seed in [int(s) for s in per_victim.get(model, args.seeds).split(",") if s.strip()]:
                 path = out / f"{model}-{recipe}-s{seed}.json"
@@ -434,11 +461,14 @@ def main(argv: list[str] | None = None) -> int:
               f"min) met on {met} of {len(group)} victims")  # fmt: skip
     print(f"figure: {out / 'attack_budget.png'}; total {time.perf_counter() - started:.0f} s")
     if args.record is not None:
-        _record(args, runs, summary, source_tags(), time.perf_counter() - started, data["sizes"])
+        _record(args, runs, summary, source_tags(), time.perf_counter() - started, data["sizes"], shared)
     return 0
 
 
-def _record(args: argparse.Namespace, runs: list[Run], summary: list[dict], tags: dict, wall: float, sizes: dict) -> None:
+def _record(
+    args: argparse.Namespace, runs: list[Run], summary: list[dict], tags: dict, wall: float, sizes: dict,
+    shared: list[str] | None = None,
+) -> None:
     from clusterattack.reports.records import (
         code_provenance,
         machine_description,
@@ -474,7 +504,11 @@ def _record(args: argparse.Namespace, runs: list[Run], summary: list[dict], tags
         "gradient_source": args.gradient_source, "selection": "none (the recipe's last epoch)",
         "eps": args.eps, "norm": "linf", "wall_s": wall,
     }  # fmt: skip
-    kept = [r for r in runs if r.reused]
+    if args.collect:
+        # Gathered from earlier invocations: each row's commit is its runs'; the --set every run shared.
+        provenance["collected_from"] = list(args.collect)
+        provenance["shared_changes"] = "+".join(shared or []) or "none"
+    kept = [r for r in runs if r.reused and not args.collect]
     if kept:
         # A resumed run: its wall_s is this process's; the attacks kept from earlier ones name their code.
         provenance["resumed"] = {

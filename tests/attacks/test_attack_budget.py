@@ -51,6 +51,18 @@ def test_a_resumed_run_keeps_what_matches_and_runs_again_what_changed(mlflow_uri
     assert "kept from" not in again
     assert json.loads(path.read_text())["config"]["alpha_c"] == 0.5
 
+    # Runs of separate invocations gathered into one table, each named by what sets it apart.
+    first_dir = tmp_path / "first"
+    first_dir.mkdir()
+    (first_dir / "cc-default-s0.json").write_text(json.dumps(saved))
+    assert bench.main(["--dataset", "digits", "--n-test", "128", "--out", str(tmp_path / "all"), "--quiet",
+                       "--collect", str(first_dir), "--collect", str(out)]) == 0  # fmt: skip
+    table = (tmp_path / "all" / "attack_budget.md").read_text()
+    assert "| default | 0 |" in table and "| default+alpha_c=0.5 | 0 |" in table
+    assert (tmp_path / "all" / "attack_budget.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no run files"):
+        bench.main(["--dataset", "digits", "--out", str(tmp_path / "x"), "--collect", str(tmp_path / "empty")])
+
 
 def test_a_record_name_that_cannot_be_a_file_name_is_refused_before_any_work(capsys):
     bench = load_benchmark("attack_budget")
