@@ -368,7 +368,8 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def figure(runs: list[Run], path: Path) -> None:
-    """NMI drop against image-queries, one panel per victim, one colour per recipe."""
+    """NMI drop against image-queries, one panel per victim, one colour per recipe (one legend
+    entry per recipe, under the panels: labels of --set changes are long)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,25 +379,34 @@ def figure(runs: list[Run], path: Path) -> None:
     recipes = list(dict.fromkeys(r.recipe for r in runs))
     cols = min(3, len(victims))
     rows = math.ceil(len(victims) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    colours = dict(zip(recipes, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    legend_in = 0.25 + 0.2 * len(recipes)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(4.2 * cols, 8.0), 3.2 * rows + legend_in), squeeze=False
+    )
+    colours = dict(zip(recipes, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3, strict=False))
+    first_seed = {recipe: min(r.seed for r in runs if r.recipe == recipe) for recipe in recipes}
     for ax, victim in zip(axes.flat, victims, strict=False):
         for run in (r for r in runs if r.victim == victim):
             xs = [0.0] + [p["image_queries"] / 1000 for p in run.curve]
             ys = [0.0] + [100 * p["nmi_drop"] for p in run.curve]
-            label = f"{run.recipe} s{run.seed}"
-            ax.plot(xs, ys, marker="o", ms=3, color=colours[run.recipe], label=label, alpha=0.9 if run.seed == 0 else 0.5)
+            first = run.seed == first_seed[run.recipe]
+            ax.plot(xs, ys, marker="o" if first else "^", ms=3, color=colours[run.recipe],
+                    alpha=0.9 if first else 0.45)  # fmt: skip
         ax.axhline(100 * GOAL_DROP, color="grey", ls="--", lw=0.8)
         ax.axvline(GOAL_QUERIES / 1000, color="grey", ls=":", lw=0.8)
         ax.set_title(victim.removeprefix("victim-"))
         ax.set_xlabel("image-queries (thousands)")
         ax.set_ylabel("NMI drop (%)")
         ax.set_ylim(0, 100)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(victims):]:
+    for ax in list(axes.flat)[len(victims) :]:
         ax.axis("off")
+    seeds = sorted({r.seed for r in runs})
+    handles = [plt.Line2D([], [], color=colours[r], marker="o", ms=3) for r in recipes]
+    fig.legend(handles, recipes, loc="lower center", fontsize=7, frameon=False,
+               title=f"seeds {', '.join(map(str, seeds))}: a recipe's first seed in circles, the others in light triangles",
+               title_fontsize=7)  # fmt: skip
     fig.suptitle("Generator attack: NMI drop against image-queries (dashed: 80%, dotted: 150,000 queries)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_in / (3.2 * rows + legend_in), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
