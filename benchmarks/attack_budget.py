@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mi_temperature for victims whose clean memberships are soft (mean largest < 0.6), as "
         "the attack itself warns; 0 keeps every recipe's own",
     )
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (with --collect: what the runs used)")
     p.add_argument("--out", default="runs/bench/attack_budget")
     p.add_argument(
         "--record", nargs="?", const="", default=None, metavar="NAME",
@@ -317,6 +317,26 @@ def _collect(dirs: list[Path]) -> tuple[list[tuple[Run, Path]], list[str]]:
     return found, [t for t in tokens[0][1:] if t in shared]
 
 
+def _compared(runs: list[Run]) -> str:
+    """What a record compares, short enough for a title: the recipes, or how many variants of them."""
+    labels = list(dict.fromkeys(r.recipe for r in runs))
+    if len(labels) <= 2 and sum(map(len, labels)) <= 60:
+        return ", ".join(labels)
+    bases = ", ".join(dict.fromkeys(label.split("+")[0] for label in labels))
+    return f"{len(labels)} variants of {bases}"
+
+
+def _selection(runs: list[Run]) -> str:
+    """How each run's generator was chosen, from its config (one text if all agree)."""
+    texts = {
+        f"label_free (the epoch whose perturbed clusters of {n:,} held-out training images share the least NMI "
+        "with their clean ones; its queries counted)"
+        if (n := int(r.config.get("select_images") or 0)) else "none (the recipe's last epoch)"
+        for r in runs
+    }
+    return " / ".join(sorted(texts))
+
+
 def _load_data(dataset: str, n_test: int | None) -> dict[str, Any]:
     from clusterattack.data import load_dataset
 
@@ -511,13 +531,14 @@ def _record(
         "command": "python benchmarks/attack_budget.py " + " ".join(sys.argv[1:]),
         **code_provenance(tags), "machine": machine_description(args.threads),
         "date": time.strftime("%Y-%m-%d"), "dataset": args.dataset, "splits": sizes,
-        "gradient_source": args.gradient_source, "selection": "none (the recipe's last epoch)",
+        "gradient_source": args.gradient_source, "selection": _selection(runs),
         "eps": args.eps, "norm": "linf", "wall_s": wall,
     }  # fmt: skip
     if args.collect:
         # Gathered from earlier invocations: each row's commit is its runs'; the --set every run shared.
         provenance["collected_from"] = list(args.collect)
         provenance["shared_changes"] = "+".join(shared or []) or "none"
+        provenance["wall_s"] = round(sum(r.wall_s + r.pretext_s for r in runs), 1)  # the runs' own
     kept = [r for r in runs if r.reused and not args.collect]
     if kept:
         # A resumed run: its wall_s is this process's; the attacks kept from earlier ones name their code.
@@ -528,7 +549,7 @@ def _record(
     path = write_record(
         args.record or f"attack_budget_{args.dataset}", rows, provenance, kind="attack",
         title=(
-            f"NMI drop against image-queries: {', '.join(dict.fromkeys(r.recipe for r in runs))} on "
+            f"NMI drop against image-queries: {_compared(runs)} on "
             f"{', '.join(dict.fromkeys(r.victim.removeprefix('victim-').rsplit('-', 1)[0].upper() for r in runs))} "
             "(benchmarks/attack_budget.py)"
         ),
