@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,19 @@ import pytest
 from tests.attacks.conftest import load_benchmark
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """The benchmark's main() calls logging.basicConfig, as a script does: its handler writes to
+    the stderr pytest captured for this test, closed after it, so later tests in this worker
+    would log into a closed stream. Take it off again."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def _train_tiny_cc(tmp_path: Path) -> None:
