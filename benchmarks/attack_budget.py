@@ -216,6 +216,12 @@ def run_one(
     if args.soft_temperature and _soft(victim, test_x):
         changes.setdefault("mi_temperature", args.soft_temperature)
     config = AttackConfig().override(**apply_recipe(recipe, changes))
+    if done is not None and done.exists():
+        # Before any scoring: a kept run costs reading its file, not a pass over the test split.
+        earlier = Run.from_file(json.loads(done.read_text()))
+        if (earlier.victim_version, earlier.config) == (str(version.version), json.loads(json.dumps(config.to_dict()))):
+            return earlier
+        log.warning("%s was made with another victim version or attack config: running it again", done)
     with torch.no_grad():
         clean_test = torch.cat([victim.predict_proba(test_x[i : i + 1000]) for i in range(0, len(test_x), 1000)])
     from clusterattack.metrics import clustering_scores
@@ -227,12 +233,6 @@ def run_one(
     tags = source_tags()
     run.commit = tags.get("clusterattack.git_commit", "")
     run.dirty = {"true": True, "false": False}.get(tags.get("clusterattack.git_dirty", ""))
-    if done is not None and done.exists():
-        earlier = Run.from_file(json.loads(done.read_text()))
-        same = (earlier.victim_version, earlier.config) == (run.victim_version, json.loads(json.dumps(run.config)))
-        if same:
-            return earlier
-        log.warning("%s was made with another victim version or attack config: running it again", done)
 
     attacked = CountingVictim(victim)
     source = make_gradient_source(attacked, config)
