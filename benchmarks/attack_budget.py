@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also write a record, docs/results/NAME.json (default NAME: attack_budget_<dataset>)",
     )
     p.add_argument(
+        "--record-headline", action="store_true", help="with --record: also show it in the README's headline block",
+    )
+    p.add_argument("--record-dir", default=None, help="where --record writes (default docs/results)")
+    p.add_argument(
         "--resume", action="store_true",
         help="keep the runs already in --out whose victim version and attack config are the ones this run "
         "would use (an interrupted run goes on where it stopped; their code commits go in the record)",
@@ -92,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if (args.record_headline or args.record_dir) and args.record is None:
+        p.error("--record-headline and --record-dir go with --record")
     if args.record:
         from clusterattack.reports.records import is_record_id
 
@@ -515,9 +521,11 @@ def _record(
             "seeds": [r.seed for r in group], "wall_s": s["wall_s"],
             "image_queries": round(queries), "calls": round(mean_std([r.calls for r in group])["mean"]),
             "calls_256": math.ceil(queries / 256),
-            # The code each row's attacks ran (a resumed run keeps attacks made at other commits).
-            **({"commit": group[0].commit} if group[0].commit and len({r.commit for r in group}) == 1 else {}),
-            **({"dirty": group[0].dirty} if group[0].dirty is not None and len({r.dirty for r in group}) == 1 else {}),
+            # The code each row's attacks ran (a resumed run keeps attacks made at other commits): the
+            # first seed's as the row's commit, and every seed's in the table's "code" column.
+            **({"commit": group[0].commit} if group[0].commit else {}),
+            **({"dirty": any(r.dirty for r in group)} if all(r.dirty is not None for r in group) else {}),
+            "code": ", ".join(dict.fromkeys(r.commit[:7] or "unknown" for r in group)),
             "metrics": {
                 "nmi_pre": mean_std([r.nmi_pre for r in group]),
                 "nmi_post": mean_std([r.nmi_post for r in group]),
@@ -560,7 +568,8 @@ def _record(
         ),
         columns=[("victim", "victim"), ("recipe", "recipe"), ("nmi_pre", "NMI before"), ("nmi_post", "NMI after"),
                  ("nmi_drop", "NMI drop"), ("image_queries", "image-queries"), ("calls_256", "calls of 256"),
-                 ("attack_wall_s", "attack wall s"), ("pretext_s", "pretext s")],
+                 ("attack_wall_s", "attack wall s"), ("pretext_s", "pretext s"), ("code", "code")],
+        headline=args.record_headline, **({"folder": args.record_dir} if args.record_dir else {}),
     )  # fmt: skip
     print(f"record: {path}")
 

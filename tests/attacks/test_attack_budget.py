@@ -69,10 +69,22 @@ def test_a_resumed_run_keeps_what_matches_and_runs_again_what_changed(mlflow_uri
     first_dir = tmp_path / "first"
     first_dir.mkdir()
     (first_dir / "cc-default-s0.json").write_text(json.dumps(saved))
+    # A second seed made by other code (as a run resumed across commits would have it).
+    other = "1234567" + "0" * 33
+    (first_dir / "cc-default-s1.json").write_text(json.dumps({**saved, "seed": 1, "commit": other}))
+    records = tmp_path / "records"
     assert bench.main(["--dataset", "digits", "--n-test", "128", "--out", str(tmp_path / "all"), "--quiet",
-                       "--collect", str(first_dir), "--collect", str(out)]) == 0  # fmt: skip
+                       "--collect", str(first_dir), "--collect", str(out),
+                       "--record", "budget-mixed", "--record-dir", str(records), "--record-headline"]) == 0  # fmt: skip
     table = (tmp_path / "all" / "attack_budget.md").read_text()
-    assert "| default | 0 |" in table and "| default+alpha_c=0.5 | 0 |" in table
+    assert "| default | 0,1 |" in table and "| default+alpha_c=0.5 | 0 |" in table
+    record = json.loads((records / "budget-mixed.json").read_text())
+    assert record["headline"] is True
+    mixed = next(r for r in record["rows"] if r["recipe"] == "default")
+    # Each seed's code is named in the row, the first seed's as its commit.
+    assert mixed["seeds"] == [0, 1] and mixed["code"] == f"{saved['commit'][:7] or 'unknown'}, 1234567"
+    if saved["commit"]:
+        assert mixed["commit"] == saved["commit"]
     assert (tmp_path / "all" / "attack_budget.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no run files"):
         bench.main(["--dataset", "digits", "--out", str(tmp_path / "x"), "--collect", str(tmp_path / "empty")])
@@ -85,3 +97,6 @@ def test_a_record_name_that_cannot_be_a_file_name_is_refused_before_any_work(cap
     assert "--record '../elsewhere'" in capsys.readouterr().err
     assert bench.parse_args(["--record"]).record == ""  # the default name, attack_budget_<dataset>
     assert bench.parse_args(["--record", "strong-vs-fast"]).record == "strong-vs-fast"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--record-headline"])
+    assert "go with --record" in capsys.readouterr().err
