@@ -85,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--record-dir", default=None, help="where --record writes (default docs/results)")
     p.add_argument(
+        "--record-note", default="", metavar="TEXT",
+        help="with --record: a sentence added to its description (how the runs were made: shared cores ...)",
+    )
+    p.add_argument(
         "--resume", action="store_true",
         help="keep the runs already in --out whose victim version and attack config are the ones this run "
         "would use (an interrupted run goes on where it stopped; their code commits go in the record)",
@@ -96,8 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    if (args.record_headline or args.record_dir) and args.record is None:
-        p.error("--record-headline and --record-dir go with --record")
+    if (args.record_headline or args.record_dir or args.record_note) and args.record is None:
+        p.error("--record-headline, --record-dir and --record-note go with --record")
     if args.record:
         from clusterattack.reports.records import is_record_id
 
@@ -564,7 +568,7 @@ def _record(
         description=(
             "Surrogate mode, L-inf eps 0.1, the whole test split scored. Wall time is the attack's own on "
             "this machine (scoring left out); pretext_s the attacker's SimCLR backbones, paid once per data "
-            "set, pool and seed (0 when the cache had them)."
+            "set, pool and seed (0 when the cache had them)." + (f" {args.record_note.strip()}" if args.record_note else "")
         ),
         columns=[("victim", "victim"), ("recipe", "recipe"), ("nmi_pre", "NMI before"), ("nmi_post", "NMI after"),
                  ("nmi_drop", "NMI drop"), ("image_queries", "image-queries"), ("calls_256", "calls of 256"),

@@ -75,11 +75,12 @@ def test_a_resumed_run_keeps_what_matches_and_runs_again_what_changed(mlflow_uri
     records = tmp_path / "records"
     assert bench.main(["--dataset", "digits", "--n-test", "128", "--out", str(tmp_path / "all"), "--quiet",
                        "--collect", str(first_dir), "--collect", str(out),
-                       "--record", "budget-mixed", "--record-dir", str(records), "--record-headline"]) == 0  # fmt: skip
+                       "--record", "budget-mixed", "--record-dir", str(records), "--record-headline",
+                       "--record-note", "Two seeds from two commits."]) == 0  # fmt: skip
     table = (tmp_path / "all" / "attack_budget.md").read_text()
     assert "| default | 0,1 |" in table and "| default+alpha_c=0.5 | 0 |" in table
     record = json.loads((records / "budget-mixed.json").read_text())
-    assert record["headline"] is True
+    assert record["headline"] is True and record["description"].endswith(" Two seeds from two commits.")
     mixed = next(r for r in record["rows"] if r["recipe"] == "default")
     # Each seed's code is named in the row, the first seed's as its commit.
     assert mixed["seeds"] == [0, 1] and mixed["code"] == f"{saved['commit'][:7] or 'unknown'}, 1234567"
@@ -98,5 +99,5 @@ def test_a_record_name_that_cannot_be_a_file_name_is_refused_before_any_work(cap
     assert bench.parse_args(["--record"]).record == ""  # the default name, attack_budget_<dataset>
     assert bench.parse_args(["--record", "strong-vs-fast"]).record == "strong-vs-fast"
     with pytest.raises(SystemExit):
-        bench.parse_args(["--record-headline"])
+        bench.parse_args(["--record-note", "shared cores"])
     assert "go with --record" in capsys.readouterr().err
