@@ -198,6 +198,9 @@ def test_format_value():
     assert format_value("nmi_post", {"mean": 0.1, "std": 0.02, "n": 3}) == "0.100 ± 0.020 (n=3)"
     assert format_value("setting", "a|b") == "a\\|b"
     assert format_value("nmi_post", None) == "-"
+    assert format_value("eps", 0.05) == "0.05"
+    assert format_value("attack_wall_s", {"mean": 548.55, "std": 1.3435, "n": 2}) == "549 ± 1.3 (n=2)"
+    assert format_value("wall_s", 1320.4) == "1,320" and format_value("pretext_s", 0.25) == "0.2"
 
 
 def test_replace_block():

@@ -79,7 +79,10 @@ def format_value(key: str, value: Any) -> str:
             return f"{100 * value:.1f}%"
         if value.is_integer() and abs(value) >= 1:
             return f"{int(value):,}"
-        if key in ("wall_s", "eps") or key.endswith("_s"):
+        if key.endswith("_s"):
+            # Seconds: whole ones from 10 s up (a wall time's spread in milliseconds says nothing).
+            return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.1f}"
+        if key == "eps":
             return f"{value:g}"
         return f"{value:.3f}"
     if isinstance(value, list):
