@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the record's command shows
     if (args.record_headline or args.record_dir or args.record_note) and args.record is None:
         p.error("--record-headline, --record-dir and --record-note go with --record")
     if args.record:
@@ -505,6 +507,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line less ``--record-note TEXT`` (the note is the record's description already)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--record-note":
+            skip = True
+        elif not arg.startswith("--record-note="):
+            out.append(arg)
+    return out
+
+
 def _record(
     args: argparse.Namespace, runs: list[Run], summary: list[dict], tags: dict, wall: float, sizes: dict,
     shared: list[str] | None = None,
@@ -540,7 +556,7 @@ def _record(
             },
         })  # fmt: skip
     provenance = {
-        "command": "python benchmarks/attack_budget.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/attack_budget.py " + shlex.join(_without_note(args.argv)),
         **code_provenance(tags), "machine": machine_description(args.threads),
         "date": time.strftime("%Y-%m-%d"), "dataset": args.dataset, "splits": sizes,
         "gradient_source": args.gradient_source, "selection": _selection(runs),

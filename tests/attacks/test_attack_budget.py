@@ -81,6 +81,10 @@ def test_a_resumed_run_keeps_what_matches_and_runs_again_what_changed(mlflow_uri
     assert "| default | 0,1 |" in table and "| default+alpha_c=0.5 | 0 |" in table
     record = json.loads((records / "budget-mixed.json").read_text())
     assert record["headline"] is True and record["description"].endswith(" Two seeds from two commits.")
+    # The command as given to main() (not the test runner's), quoted, the note left to the description.
+    command = record["common"]["command"]
+    assert command.startswith("python benchmarks/attack_budget.py --dataset digits ") and "--collect" in command
+    assert "--record budget-mixed" in command and "Two seeds" not in command and "--record-note" not in command
     mixed = next(r for r in record["rows"] if r["recipe"] == "default")
     # Each seed's code is named in the row, the first seed's as its commit.
     assert mixed["seeds"] == [0, 1] and mixed["code"] == f"{saved['commit'][:7] or 'unknown'}, 1234567"
