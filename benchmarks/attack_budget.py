@@ -582,7 +582,9 @@ def _record(
             "(benchmarks/attack_budget.py)"
         ),
         description=(
-            "Surrogate mode, L-inf eps 0.1, the whole test split scored. Wall time is the attack's own on "
+            f"{args.gradient_source.capitalize()} mode, L-inf eps {args.eps:g}, "
+            f"{'the whole test split' if args.n_test is None else f'{args.n_test:,} test images'} scored. "
+            "Wall time is the attack's own on "
             "this machine (scoring left out); pretext_s the attacker's SimCLR backbones, paid once per data "
             "set, pool and seed (0 when the cache had them)." + (f" {args.record_note.strip()}" if args.record_note else "")
         ),

@@ -81,6 +81,7 @@ def test_a_resumed_run_keeps_what_matches_and_runs_again_what_changed(mlflow_uri
     assert "| default | 0,1 |" in table and "| default+alpha_c=0.5 | 0 |" in table
     record = json.loads((records / "budget-mixed.json").read_text())
     assert record["headline"] is True and record["description"].endswith(" Two seeds from two commits.")
+    assert record["description"].startswith("Surrogate mode, L-inf eps 0.1, 128 test images scored.")
     # The command as given to main() (not the test runner's), quoted, the note left to the description.
     command = record["common"]["command"]
     assert command.startswith("python benchmarks/attack_budget.py --dataset digits ") and "--collect" in command
