@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--recipe", choices=tuple(RECIPES), default=None,
-        help="named attack settings applied to the preset's attack (flags and --set win): "
+        help="named attack settings replacing the preset's own recipe (fast for demo and paper, default for "
+        "tiny), the preset's device and hold-out kept; flags and --set win: "
         + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()),
     )
     p.add_argument(

@@ -83,6 +83,12 @@ def target_name(model: str) -> str:
     return name[:40]
 
 
+def _recipe_attack(recipe: str, **changes: Any) -> AttackConfig:
+    from clusterattack.attacks.recipes import apply_recipe
+
+    return AttackConfig().override(**apply_recipe(recipe, changes))
+
+
 def _int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -114,7 +120,8 @@ class SweepConfig:
             sampled fields override it. Its ``norm``, ``epochs`` (generator epochs per
             trial), ``select_images`` (the attacker's hold-out) and ``seed`` hold for the
             whole sweep; its ``gradient_source`` is replaced by each of ``gradient_sources``.
-        recipe: the named attack recipe ``attack`` was built with (recorded).
+        recipe: the named attack recipe ``attack`` was built with (recorded); ``fast`` unless a
+            preset or ``--recipe`` says otherwise.
         gradient_sources: black-box gradient sources, each swept on its own.
         eps_grid: the perturbation radii (in ``attack.norm``); one Table 1 row per value.
         objective: "label_free" (the attacker's own score on its hold-out, paid in queries)
@@ -149,8 +156,8 @@ class SweepConfig:
     preset_name: str = "demo"
     targets: tuple[tuple[str, str], ...] = (("cc", "fashion_mnist"), ("scan", "fashion_mnist"))
     space: tuple[ParamSpec, ...] = DEFAULT_SPACE
-    attack: AttackConfig = field(default_factory=lambda: AttackConfig(select_images=512))
-    recipe: str = "default"
+    attack: AttackConfig = field(default_factory=lambda: _recipe_attack("fast", select_images=512))
+    recipe: str = "fast"
     gradient_sources: tuple[str, ...] = ("surrogate",)
     eps_grid: tuple[float, ...] = (0.1,)
     objective: str = "label_free"
@@ -400,6 +407,9 @@ class SweepConfig:
 
     def replace(self, **changes: Any) -> SweepConfig:
         """A validated copy; keys that are AttackConfig fields (dotted ones too) change ``attack``."""
+        if "recipe" in changes and changes["recipe"] != self.recipe:
+            # Renaming it would record a recipe the attack does not run.
+            raise ValueError("a sweep's recipe is chosen with its preset: SweepConfig.preset(name, recipe=...)")
         return _apply(self, changes)
 
     @classmethod
@@ -407,9 +417,11 @@ class SweepConfig:
         """The ``tiny``, ``demo`` or ``paper`` sweep with fields overridden.
 
         Overrides may name SweepConfig fields or AttackConfig fields (``norm``, ``epochs``,
-        ``surrogate.width`` ...), which change ``attack``. ``recipe`` applies that named
-        recipe to the preset's attack before the other attack fields are changed (flags and
-        ``--set`` win over it). ``gradient_source`` is taken as a one-source
+        ``surrogate.width`` ...), which change ``attack``. ``recipe`` replaces the preset's own
+        recipe (``fast`` for demo and paper): that recipe whole, the preset's sizes (device,
+        hold-out) on top, then the other attack fields (flags and ``--set`` win over both);
+        the preset's tuning of its own recipe is dropped (``presets.preset_attack``).
+        ``gradient_source`` is taken as a one-source
         ``gradient_sources``. The experiment name defaults to ``<preset>-<date>-<time>``.
         """
         from clusterattack.attacks.recipes import get_recipe
@@ -418,15 +430,14 @@ class SweepConfig:
             raise ValueError(f"unknown sweep preset {name!r}, expected one of {PRESETS}")
         from clusterattack.tuning.presets import PRESET_BUILDERS
 
-        base = PRESET_BUILDERS[name]()
+        if "recipe" in overrides:
+            get_recipe(overrides["recipe"])  # an unknown name fails here, naming the known ones
+        base = PRESET_BUILDERS[name](overrides.pop("recipe", None))
         overrides.setdefault("experiment", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if "eps" in overrides:
             raise ValueError("eps is swept as a grid, one best trial per value: give eps_grid (--eps 0.05,0.1)")
         if "gradient_source" in overrides:
             overrides["gradient_sources"] = (overrides.pop("gradient_source"),)
-        if "recipe" in overrides:
-            recipe = get_recipe(overrides["recipe"])
-            base = dataclasses.replace(base, attack=base.attack.override(**recipe.overrides), recipe=recipe.name)
         if overrides.get("norm") == "l2" and "eps_grid" not in overrides:
             # The preset's radii are L-inf ones; keep them only if they were given on purpose.
             overrides["eps_grid"] = L2_EPS_GRID

@@ -179,6 +179,33 @@ def test_a_recipe_applies_before_flags_and_is_recorded():
     assert SweepConfig.from_dict(config.to_dict()) == config
 
 
+def test_presets_run_the_fast_recipe_unless_told_and_another_recipe_whole():
+    from clusterattack.attacks.recipes import RECIPES
+    from clusterattack.tuning.presets import PRESET_RECIPES
+
+    def differs(config, recipe):
+        reference = AttackConfig().override(**RECIPES[recipe].overrides).flat()
+        return {k for k, v in config.attack.flat().items() if v != reference[k]}
+
+    # The measured winner of the attack-cost benchmark is the black-box trials' default.
+    assert PRESET_RECIPES["demo"] == PRESET_RECIPES["paper"] == SweepConfig().recipe == "fast"
+    assert differs(SweepConfig(), "fast") == {"select_images"}
+    paper = SweepConfig.preset("paper")
+    assert paper.recipe == "fast" and differs(paper, "fast") == {"select_images", "device"}
+    # The demo tunes its own recipe down to its time ...
+    demo = SweepConfig.preset("demo")
+    assert demo.recipe == "fast" and {"epochs", "train_limit"} <= differs(demo, "fast")
+    # ... and another recipe replaces it whole: the tuning goes, the hold-out and device stay.
+    for preset, sizes in (("demo", {"select_images"}), ("paper", {"select_images", "device"})):
+        for recipe in ("strong", "default"):
+            config = SweepConfig.preset(preset, recipe=recipe)
+            assert config.recipe == recipe and differs(config, recipe) == sizes, (preset, recipe)
+    # A recipe is chosen with the preset; relabelling a built sweep would record what did not run.
+    with pytest.raises(ValueError, match="preset"):
+        demo.replace(recipe="strong")
+    assert demo.replace(recipe="fast", seeds=3).seeds == 3
+
+
 def test_seed_runs_take_fresh_seeds_and_oracle_runs_hold_nothing_out():
     config = SweepConfig.preset("tiny", seeds=3, **{"seed": 5})
     assert config.final_seeds() == (6, 7, 8)  # none is the search trials' seed 5
