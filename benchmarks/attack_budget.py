@@ -70,11 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="AttackConfig override applied to every recipe (e.g. a quick look: --set epochs=1)",
     )
-    p.add_argument(
-        "--soft-temperature", type=float, default=0.3,
-        help="mi_temperature for victims whose clean memberships are soft (mean largest < 0.6), as "
-        "the attack itself warns; 0 keeps every recipe's own",
-    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (with --collect: what the runs used)")
     p.add_argument("--out", default="runs/bench/attack_budget")
     p.add_argument(
@@ -174,12 +169,13 @@ class Run:
         )
 
 
-def _soft(victim: Any, images: torch.Tensor) -> bool:
-    from clusterattack.attacks.gan import SOFT_MEMBERSHIPS
+def _temperature(victim: Any, images: torch.Tensor) -> float:
+    """``mi_temperature`` "auto" resolved on the first 1,000 test images (the attack takes the
+    same from its own pool), so that a run file names the number the run trained with."""
+    from clusterattack.attacks.losses import resolve_mi_temperature
 
     with torch.no_grad():
-        proba = victim.predict_proba(images[:1000])
-    return float(proba.max(dim=1).values.mean()) < SOFT_MEMBERSHIPS
+        return resolve_mi_temperature("auto", victim.predict_proba(images[:1000]))
 
 
 def _score(victim: Any, generator: Any, config: Any, x: torch.Tensor, y: Any, clean: torch.Tensor) -> dict:
@@ -225,9 +221,9 @@ def run_one(
         who, _, setting = text.partition(":")
         if who == model:
             changes.update([key_value(setting)])
-    if args.soft_temperature and _soft(victim, test_x):
-        changes.setdefault("mi_temperature", args.soft_temperature)
     config = AttackConfig().override(**apply_recipe(recipe, changes))
+    if config.mi_temperature == "auto":
+        config = config.override(mi_temperature=_temperature(victim, test_x))
     if done is not None and done.exists():
         # Before any scoring: a kept run costs reading its file, not a pass over the test split.
         earlier = Run.from_file(json.loads(done.read_text()))

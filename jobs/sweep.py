@@ -13,7 +13,7 @@
 For each (model, dataset) it ingests the data set (or reuses it), loads the registered
 victim (or trains and registers it) and serves it on Ray Serve with a query budget per
 trial. For each gradient source, Tune runs every eps of --eps crossed with --num-samples
-draws of alpha_a, alpha_c and mi_temperature, ASHA comparing trials of the same eps only;
+draws of alpha_a and alpha_c, ASHA comparing trials of the same eps only;
 each trial attacks the served victim in a black-box gradient mode through its own key.
 The selection objective is label-free by default: the NMI between the victim's clean and
 perturbed assignments of images the attacker holds out of its own pool (select_images),

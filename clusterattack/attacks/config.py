@@ -234,7 +234,9 @@ class AttackConfig:
     norm: str = "linf"
     eps: float = 0.1
     attack_loss: str = "mutual_info"
-    mi_temperature: float = 1.0  # sharpening of perturbed memberships in the MI term
+    # Sharpening of perturbed memberships in the MI term; "auto": 0.3 where the victim's clean
+    # memberships of the pool (queried anyway) are soft, mean largest < 0.6, else 1.
+    mi_temperature: float | str = "auto"
     alpha_a: float = 10.0
     alpha_c: float = 1.0
     alpha_gan: float = 1.0
@@ -277,7 +279,11 @@ class AttackConfig:
         if self.norm == "linf" and self.eps > 1:
             raise ValueError(f"eps for norm 'linf' on [0, 1] images must be <= 1, got {self.eps!r}")
         _choice("attack_loss", self.attack_loss, ATTACK_LOSSES)
-        _positive("mi_temperature", self.mi_temperature)
+        if self.mi_temperature != "auto":
+            try:
+                _positive("mi_temperature", self.mi_temperature)
+            except ValueError:
+                raise ValueError(f"mi_temperature must be 'auto' or a number > 0, got {self.mi_temperature!r}") from None
         _non_negative("alpha_a", self.alpha_a)
         _non_negative("alpha_c", self.alpha_c)
         _non_negative("alpha_gan", self.alpha_gan)

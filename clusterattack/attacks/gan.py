@@ -18,11 +18,14 @@ from clusterattack.attacks.discriminator import Discriminator
 from clusterattack.attacks.generator import Generator
 from clusterattack.attacks.gradients import GradientSource, make_gradient_source, query_memberships
 from clusterattack.attacks.losses import (
+    SOFT_MEMBERSHIPS,
+    SOFT_MI_TEMPERATURE,
     config_objective,
     constraint_penalty,
     discriminator_loss,
     generator_gan_loss,
     membership_distance,
+    resolve_mi_temperature,
 )
 from clusterattack.precision import autocast
 from clusterattack.serving.errors import BudgetExceeded
@@ -109,6 +112,8 @@ class AttackResult:
     # Image-queries of the selection hold-out (its clean memberships, then one query per image
     # per epoch), as the victim's own counter moved; included in ``image_queries``.
     selection_image_queries: int | None = None
+    # The MI term's temperature the run trained with (``mi_temperature`` "auto" resolved).
+    mi_temperature: float | None = None
 
     @property
     def epochs_run(self) -> int:
@@ -123,6 +128,7 @@ class AttackResult:
             "norm": cfg.norm,
             "eps": cfg.eps,
             "attack_loss": cfg.attack_loss,
+            "mi_temperature": self.mi_temperature if self.mi_temperature is not None else cfg.mi_temperature,
             "target_cluster": cfg.target_cluster,
             "seed": cfg.seed,
             "stopped": self.stopped,
@@ -193,28 +199,27 @@ def _counts_since(victim: Victim, start: tuple[int | None, int | None]) -> tuple
     )
 
 
-#: Below this mean largest clean membership a victim counts as soft (MiCE at its own
-#: temperatures: 0.45 on Fashion-MNIST; the other demo victims: above 0.9).
-SOFT_MEMBERSHIPS = 0.6
-
-
-def _warn_if_soft(clean: torch.Tensor, config: AttackConfig) -> None:
-    """Say so when soft memberships meet an unsharpened mutual-information term.
-
-    The term then hardly registers argmax changes: against MiCE v6 (mean largest membership
-    0.45) the white-box attack dropped NMI by 64% at mi_temperature 1 and by 94% at 0.3.
-    """
+def _term_config(clean: torch.Tensor, config: AttackConfig) -> AttackConfig:
+    """``config`` with its MI temperature a number: "auto" resolved once from the clean
+    memberships of the whole pool (queried anyway, so counted), said in the log; a soft
+    victim met at an explicit temperature of 1 or more is warned about."""
+    temperature = resolve_mi_temperature(config.mi_temperature, clean)
     if config.attack_loss != "mutual_info" or config.target_cluster is not None or len(clean) == 0:
-        return
+        return config.override(mi_temperature=temperature)
     confidence = float(clean.max(dim=1).values.mean())
-    if confidence < SOFT_MEMBERSHIPS and config.mi_temperature >= 1.0:
+    if config.mi_temperature == "auto":
+        log.info(
+            "mi_temperature auto: %g (mean largest clean membership %.2f, soft below %.2f)",
+            temperature, confidence, SOFT_MEMBERSHIPS,
+        )
+    elif confidence < SOFT_MEMBERSHIPS and temperature >= 1.0:
         log.warning(
             "the victim's memberships are soft (mean largest membership %.2f < %.2f): the "
             "mutual_info term at mi_temperature %g sees few cluster changes; consider "
-            "--set mi_temperature=0.3 (or search it: jobs/sweep.py --space "
-            "mi_temperature=choice:0.3,1.0)",
-            confidence, SOFT_MEMBERSHIPS, config.mi_temperature,
+            "--set mi_temperature=auto (%g for such a victim)",
+            confidence, SOFT_MEMBERSHIPS, temperature, SOFT_MI_TEMPERATURE,
         )
+    return config.override(mi_temperature=temperature)
 
 
 def _lr_factor(config: AttackConfig, epoch: int) -> float:
@@ -318,7 +323,8 @@ def train_generator(
             before = read_counts(victim)
             held_clean = query_memberships(victim, held, config.query_batch).argmax(1)
             selection_used += _counts_since(victim, before)[0] or 0
-        _warn_if_soft(clean, config)
+        term_config = _term_config(clean, config)
+        result.mi_temperature = float(term_config.mi_temperature)
         source_state = None if resume is None else resume.get("source")
         if source_state:
             source.resume(pool, clean, source_state, progress=progress)
@@ -342,7 +348,7 @@ def train_generator(
                 if idx.numel() < 2:
                     continue  # a one-image batch has no mutual information to speak of
                 stats = _step(
-                    generator, discriminator, opt_g, opt_d, source, config,
+                    generator, discriminator, opt_g, opt_d, source, term_config,
                     train_x[idx].to(device), train_m[idx].to(device),
                 )
                 for key, value in stats.items():

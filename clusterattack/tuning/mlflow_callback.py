@@ -33,6 +33,7 @@ TRIAL_METRICS = (
     *EVALUATION_METRICS,
     "epoch", "image_queries", "calls", "budget_remaining", "restarts", "budget_exhausted", "time_total_s",
     "objective", "select_score", "selection_image_queries", "scoring_image_queries", "selected_epoch", "final",
+    "mi_temperature_used",
 )  # fmt: skip
 
 

@@ -71,10 +71,10 @@ def _demo(recipe: str | None = None) -> SweepConfig:
     trials side by side on the 2 cores (ASHA may stop the weaker after 1 of 3 epochs), then the
     best run again with 2 fresh seeds.
 
-    The search draws alpha_a and alpha_c only. ``mi_temperature`` 0.3 helps victims with soft
-    memberships, and CC and SCAN are not soft: with 2 trials a draw of it could cost a victim
-    its attack (SCAN, seeds 1 and 2, the search's alpha_a and alpha_c: 39.6% and 5.3% NMI drop at
-    0.3, 56.1% and 47.9% at 1.0; ``docs/experiments/demo-history.md``).
+    The search draws alpha_a and alpha_c (the default space); ``mi_temperature`` is "auto",
+    1 for CC and SCAN, whose memberships are sharp (a draw of 0.3 once cost SCAN its attack: 39.6%
+    and 5.3% NMI drop at seeds 1 and 2, against 56.1% and 47.9% at 1;
+    ``docs/experiments/demo-history.md``).
     """
     attack, recipe = preset_attack("demo", recipe, {"gradient_source": "surrogate", "select_images": 1_000}, {
         "epochs": 3, "train_limit": 10_000, "surrogate.online_fraction": 1.0, "surrogate.pretext_epochs": 4,
@@ -83,7 +83,7 @@ def _demo(recipe: str | None = None) -> SweepConfig:
     return SweepConfig(
         preset_name="demo",
         targets=(("cc", "fashion_mnist"), ("scan", "fashion_mnist")),
-        space=tuple(spec for spec in DEFAULT_SPACE if spec.name != "mi_temperature"),
+        space=DEFAULT_SPACE,
         attack=attack,
         recipe=recipe,
         eps_grid=(0.1,),

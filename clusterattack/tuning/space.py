@@ -2,10 +2,10 @@
 
 The defaults sit around the authors' values (PAPER.md): alpha_a (attack weight) 5 to 30
 in their code, searched log-uniformly over [1, 50]; alpha_c (norm-constraint weight)
-1 in their code, log-uniform over [0.1, 10]; ``mi_temperature`` 0.3 or 1 (soft victims such
-as MiCE need the sharper term; nothing tells a black-box attacker which victims are soft, so
-every target searches it). eps is not sampled: a sweep takes it as a grid
-(``SweepConfig.eps_grid``) and chooses a best trial per value.
+1 in their code, log-uniform over [0.1, 10]. ``mi_temperature`` is not searched: its default,
+"auto", takes 0.3 for victims whose clean memberships (which the attack queries anyway) are
+soft and 1 for the others (``--space mi_temperature=choice:0.3,1`` searches it). eps is not
+sampled: a sweep takes it as a grid (``SweepConfig.eps_grid``) and chooses a best trial per value.
 """
 
 from __future__ import annotations
@@ -138,7 +138,6 @@ def _scalar(text: str) -> Any:
 DEFAULT_SPACE: tuple[ParamSpec, ...] = (
     ParamSpec("alpha_a", "loguniform", 1.0, 50.0),
     ParamSpec("alpha_c", "loguniform", 0.1, 10.0),
-    ParamSpec("mi_temperature", "choice", values=(0.3, 1.0)),
 )
 
 

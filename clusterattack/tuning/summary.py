@@ -201,7 +201,8 @@ def seed_rows(
         **ident,
         "alpha_a": cfg.alpha_a,
         "alpha_c": cfg.alpha_c,
-        "mi_temperature": cfg.mi_temperature,
+        # What the seed runs trained with: "auto" resolved from the victim's clean memberships.
+        "mi_temperature": mean_std([_value(f.final, "mi_temperature_used") for f in scored])[0] or cfg.mi_temperature,
         "attack_loss": cfg.attack_loss,
         "seeds": ",".join(map(str, seeds)),
         "n_seeds": len(scored),

@@ -256,6 +256,8 @@ def attack_trainable(config: dict[str, Any], context: TrialContext) -> None:
                 metrics["selected_epoch"] = int(result.selected_epoch)
             if result.selection_image_queries is not None:
                 metrics["selection_image_queries"] = int(result.selection_image_queries)
+            if result.mi_temperature is not None:
+                metrics["mi_temperature_used"] = float(result.mi_temperature)
             scores = score(result.generator)
             metrics["final"] = 1
         metrics.update(scores)

@@ -81,9 +81,38 @@ def test_gan_losses_reward_the_right_side(kind):
         generator_gan_loss(confident_real, "wgan")
 
 
-@pytest.mark.parametrize(("scale", "temperature", "warned"), [(0.2, 1.0, True), (0.2, 0.3, False), (3.0, 1.0, False)])
+def test_auto_temperature_sharpens_the_term_for_soft_memberships_only():
+    from clusterattack.attacks.config import AttackConfig
+    from clusterattack.attacks.losses import (
+        SOFT_MI_TEMPERATURE,
+        config_objective,
+        resolve_mi_temperature,
+    )
+
+    soft = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]])  # mean largest 0.5 < 0.6
+    sharp = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]])  # 0.85
+    assert resolve_mi_temperature("auto", soft) == SOFT_MI_TEMPERATURE == 0.3
+    assert resolve_mi_temperature("auto", sharp) == 1.0
+    assert resolve_mi_temperature(0.5, soft) == resolve_mi_temperature(0.5, sharp) == 0.5
+    assert AttackConfig().mi_temperature == "auto"
+    # The config's "auto" reaches the term as the number the clean memberships call for.
+    perturbed = torch.tensor([[0.4, 0.35, 0.25], [0.3, 0.4, 0.3]])
+    for clean, number in ((soft, 0.3), (sharp, 1.0)):
+        auto = config_objective(clean, perturbed, AttackConfig())
+        assert auto.item() == pytest.approx(attack_objective(clean, perturbed, "mutual_info", mi_temperature=number).item())
+    with pytest.raises(ValueError, match="'auto' or a number > 0"):
+        AttackConfig(mi_temperature="sharp")
+    with pytest.raises(ValueError, match="'auto' or a number > 0"):
+        AttackConfig(mi_temperature=0.0)
+
+
+@pytest.mark.parametrize(
+    ("scale", "temperature", "warned", "used"),
+    [(0.2, 1.0, True, 1.0), (0.2, 0.3, False, 0.3), (3.0, 1.0, False, 1.0), (0.2, "auto", False, 0.3),
+     (3.0, "auto", False, 1.0)],
+)
 def test_soft_memberships_under_an_unsharpened_mi_term_are_pointed_out(
-    blobs, config, caplog, scale, temperature, warned
+    blobs, config, caplog, scale, temperature, warned, used
 ):
     from clusterattack.attacks import train_generator
     from tests.attacks.conftest import LinearSoftmaxVictim
@@ -93,6 +122,10 @@ def test_soft_memberships_under_an_unsharpened_mi_term_are_pointed_out(
         confidence = float(soft.predict_proba(blobs[0]).max(1).values.mean())
     assert (confidence < 0.6) == (scale < 1), confidence
     cfg = config(gradient_source="whitebox", epochs=1, mi_temperature=temperature)
-    with caplog.at_level("WARNING", logger="clusterattack.attacks.gan"):
-        train_generator(soft, blobs[0], cfg, progress=False)
+    with caplog.at_level("INFO", logger="clusterattack.attacks.gan"):
+        result = train_generator(soft, blobs[0], cfg, progress=False)
     assert any("memberships are soft" in r.getMessage() for r in caplog.records) is warned
+    # What the run trained with, "auto" resolved from the clean memberships it queried.
+    assert result.mi_temperature == used and result.summary()["mi_temperature"] == used
+    assert result.config.mi_temperature == temperature  # the config as given is what is recorded
+    assert any(f"mi_temperature auto: {used:g}" in r.getMessage() for r in caplog.records) is (temperature == "auto")

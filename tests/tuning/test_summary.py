@@ -27,6 +27,7 @@ def _final(epoch, queries, nmi_post, seed_queries_selection=100):
         "nmi_pre": 0.6, "nmi_post": nmi_post, "ari_pre": 0.5, "ari_post": 0.2, "acc_pre": 0.7, "acc_post": 0.3,
         "nmi_drop": (0.6 - nmi_post) / 0.6, "linf_max": 0.1, "changed_fraction": 0.4,
         "selection_image_queries": seed_queries_selection, "scoring_image_queries": 512, "select_score": 0.2,
+        "mi_temperature_used": 0.3,
     }  # fmt: skip
 
 
@@ -90,6 +91,8 @@ def test_seed_rows_give_mean_and_spread_over_seeds_and_the_search_spend():
     assert row1["nmi_post"] == pytest.approx(0.25) and row1["nmi_post_std"] == pytest.approx(statistics.stdev([0.2, 0.3]))
     assert row1["nmi_pre"] == pytest.approx(0.6) and row1["nmi_pre_std"] == pytest.approx(0.0)
     assert row1["victim"] == "victim-cc-fashion_mnist" and row1["victim_version"] == "3"
+    # The config said "auto"; the row gives the temperature the seed runs trained with.
+    assert attack.mi_temperature == "auto" and row1["mi_temperature"] == pytest.approx(0.3)
     assert row2["image_queries"] == pytest.approx(605) and row2["calls_256"] == 3
     assert row2["selection_image_queries"] == 100 and row2["scoring_image_queries"] == 512
     assert row2["search_image_queries"] == 750 and row2["final_image_queries"] == 1210
