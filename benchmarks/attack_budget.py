@@ -63,7 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--victim-set", action="append", default=[], metavar="VICTIM:KEY=VALUE",
         help="an AttackConfig override for one victim's runs, repeatable: --victim-set ruc:mi_temperature=0.3",
     )
-    p.add_argument("--gradient-source", choices=("surrogate", "estimate"), default="surrogate")
+    p.add_argument(
+        "--gradient-source", choices=("surrogate", "estimate", "whitebox"), default="surrogate",
+        help="surrogate or estimate (black-box); whitebox: the reference, the victim's own gradient (its "
+        "forward and backward passes counted as image-queries): how far the recipe's schedule goes when the "
+        "gradient is exact (rows labelled +gradient_source=whitebox, no goal)",
+    )
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--n-test", type=int, default=None, help="test images scored (default: the whole split)")
     p.add_argument(
@@ -236,7 +241,8 @@ def run_one(
 
     nmi_pre = float(clustering_scores(test_y, clean_test.argmax(1).numpy())["nmi"])
     # The table, figure and record name what ran: the recipe and any --set that changed it.
-    label = "+".join([recipe, *args.overrides])
+    source = [] if args.gradient_source == "surrogate" else [f"gradient_source={args.gradient_source}"]
+    label = "+".join([recipe, *source, *args.overrides])
     run = Run(victim_name, str(version.version), label, seed, config.to_dict(), nmi_pre)
     tags = source_tags()
     run.commit = tags.get("clusterattack.git_commit", "")
@@ -323,6 +329,11 @@ def _collect(dirs: list[Path]) -> tuple[list[tuple[Run, Path]], list[str]]:
     for (run, _), parts in zip(found, tokens, strict=True):
         run.recipe = "+".join([parts[0], *(t for t in parts[1:] if t not in shared)])
     return found, [t for t in tokens[0][1:] if t in shared]
+
+
+def _sources(runs: list[Run]) -> list[str]:
+    """The gradient sources the runs trained with, from their configs (collected runs differ)."""
+    return list(dict.fromkeys(str(r.config.get("gradient_source", "surrogate")) for r in runs))
 
 
 def _compared(runs: list[Run]) -> str:
@@ -494,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     print(stages)
     for recipe in dict.fromkeys(r.recipe for r in runs):
         group = [s for s in summary if s["recipe"] == recipe]
+        if "gradient_source=whitebox" in recipe.split("+"):
+            print(f"{recipe}: the white-box reference (no goal: the gradient is the victim's own)")
+            continue
         met = sum(s["meets_goal"] for s in group)
         print(f"{recipe}: goal (>= {GOAL_DROP:.0%} drop, <= {GOAL_QUERIES:,} image-queries, <= {GOAL_WALL_S / 60:.0f} "
               f"min) met on {met} of {len(group)} victims")  # fmt: skip
@@ -555,7 +569,7 @@ def _record(
         "command": "python benchmarks/attack_budget.py " + shlex.join(_without_note(args.argv)),
         **code_provenance(tags), "machine": machine_description(args.threads),
         "date": time.strftime("%Y-%m-%d"), "dataset": args.dataset, "splits": sizes,
-        "gradient_source": args.gradient_source, "selection": _selection(runs),
+        "gradient_source": ", ".join(_sources(runs)), "selection": _selection(runs),
         "eps": args.eps, "norm": "linf", "wall_s": wall,
     }  # fmt: skip
     if args.collect:
@@ -578,7 +592,10 @@ def _record(
             "(benchmarks/attack_budget.py)"
         ),
         description=(
-            f"{args.gradient_source.capitalize()} mode, L-inf eps {args.eps:g}, "
+            f"{' and '.join(_sources(runs)).capitalize()} mode{'s' if len(_sources(runs)) > 1 else ''}"
+            + (" (white-box rows: the reference, the victim's own gradient; its forward and backward passes "
+               "counted as image-queries)" if "whitebox" in _sources(runs) else "")
+            + f", L-inf eps {args.eps:g}, "
             f"{'the whole test split' if args.n_test is None else f'{args.n_test:,} test images'} scored. "
             "Wall time is the attack's own on "
             "this machine (scoring left out); pretext_s the attacker's SimCLR backbones, paid once per data "

@@ -65,6 +65,14 @@ def test_a_resumed_run_keeps_what_matches_and_runs_again_what_changed(mlflow_uri
     assert "kept from" not in again
     assert json.loads(path.read_text())["config"]["alpha_c"] == 0.5
 
+    # The white-box reference: the same schedule with the victim's own gradient, labelled, no goal.
+    assert bench.main([*argv, "--gradient-source", "whitebox", "--out", str(tmp_path / "wb")]) == 0
+    label = "default+gradient_source=whitebox+epochs=2+train_limit=256+surrogate.distill_queries=256+" \
+        "surrogate.refresh_rounds=0"
+    assert f"{label}: the white-box reference" in capsys.readouterr().out
+    reference = json.loads((tmp_path / "wb" / "cc-default-s0.json").read_text())
+    assert reference["config"]["gradient_source"] == "whitebox" and reference["recipe"] == label
+
     # Runs of separate invocations gathered into one table, each named by what sets it apart.
     first_dir = tmp_path / "first"
     first_dir.mkdir()
@@ -74,14 +82,19 @@ def test_a_resumed_run_keeps_what_matches_and_runs_again_what_changed(mlflow_uri
     (first_dir / "cc-default-s1.json").write_text(json.dumps({**saved, "seed": 1, "commit": other}))
     records = tmp_path / "records"
     assert bench.main(["--dataset", "digits", "--n-test", "128", "--out", str(tmp_path / "all"), "--quiet",
-                       "--collect", str(first_dir), "--collect", str(out),
+                       "--collect", str(first_dir), "--collect", str(out), "--collect", str(tmp_path / "wb"),
                        "--record", "budget-mixed", "--record-dir", str(records), "--record-headline",
                        "--record-note", "Two seeds from two commits."]) == 0  # fmt: skip
     table = (tmp_path / "all" / "attack_budget.md").read_text()
     assert "| default | 0,1 |" in table and "| default+alpha_c=0.5 | 0 |" in table
+    assert "| default+gradient_source=whitebox | 0 |" in table
     record = json.loads((records / "budget-mixed.json").read_text())
     assert record["headline"] is True and record["description"].endswith(" Two seeds from two commits.")
-    assert record["description"].startswith("Surrogate mode, L-inf eps 0.1, 128 test images scored.")
+    assert record["description"].startswith(
+        "Surrogate and whitebox modes (white-box rows: the reference, the victim's own gradient; its forward "
+        "and backward passes counted as image-queries), L-inf eps 0.1, 128 test images scored."
+    )
+    assert record["common"]["gradient_source"] == "surrogate, whitebox"
     # The command as given to main() (not the test runner's), quoted, the note left to the description.
     command = record["common"]["command"]
     assert command.startswith("python benchmarks/attack_budget.py --dataset digits ") and "--collect" in command
