@@ -104,7 +104,7 @@ def _paper(recipe: str | None = None) -> SweepConfig:
 
     The authors' schedule (120 epochs of batch 128, the learning rate cut at 50 and 80) was this
     preset's attack before ``fast`` was measured; it is ``--epochs 120 --set batch_size=128
-    --set lr_milestones=50,80`` on top of any recipe.
+    --set 'lr_milestones=[50,80]'`` on top of any recipe.
     """
     from clusterattack.victims.registry import VICTIMS
 
