@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clusterattack.attacks.config import AttackConfig
-from clusterattack.attacks.losses import config_objective
+from clusterattack.attacks.losses import config_objective, resolve_mi_temperature
 
 __all__ = ["gradient_alignment", "victim_input_gradient"]
 
@@ -61,6 +61,8 @@ def gradient_alignment(
         raise ValueError(f"{points.shape[0]} points but {clean.shape[0]} clean memberships")
     if points.shape[0] == 0:
         raise ValueError("no points to measure the alignment at")
+    # One temperature for every batch, as train_generator takes it from its whole pool.
+    config = config.override(mi_temperature=resolve_mi_temperature(config.mi_temperature, clean))
     out = []
     for start in range(0, points.shape[0], batch_size):
         x, c = points[start : start + batch_size], clean[start : start + batch_size]

@@ -324,7 +324,8 @@ def train_generator(
             held_clean = query_memberships(victim, held, config.query_batch).argmax(1)
             selection_used += _counts_since(victim, before)[0] or 0
         term_config = _term_config(clean, config)
-        result.mi_temperature = float(term_config.mi_temperature)
+        if config.attack_loss == "mutual_info" and config.target_cluster is None:
+            result.mi_temperature = float(term_config.mi_temperature)  # the only term that reads it
         source_state = None if resume is None else resume.get("source")
         if source_state:
             source.resume(pool, clean, source_state, progress=progress)

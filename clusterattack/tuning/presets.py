@@ -3,8 +3,10 @@
 A preset's attack is a named recipe (:mod:`clusterattack.attacks.recipes`) and the preset's own
 settings on top: its *sizes* (machine and data: device, the attacker's hold-out, the tiny
 test sizes), kept whatever the recipe, and its *tuning* of its own recipe (the demo's ``fast``
-sized down to its time), dropped when ``--recipe`` names another one, so that a sweep recorded
-as ``strong`` runs the ``strong`` recipe and not a mixture of it and the preset's own.
+sized down to its time), dropped when ``--recipe`` names one, so that a sweep recorded as
+``strong`` (or ``--recipe fast``) runs that recipe whole and not a mixture of it and the
+preset's own. The ``tiny`` preset's sizes are the tests' schedule too (3 epochs, no refresh):
+under it a named recipe is sized down as well.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ def preset_attack(
     preset: str, recipe: str | None, sizes: Mapping[str, Any], tuning: Mapping[str, Any] | None = None
 ) -> tuple[AttackConfig, str]:
     """(the attack, its recipe's name): ``recipe`` (default: the preset's own), the preset's
-    ``tuning`` of its own recipe where that is the one run, then the preset's ``sizes``."""
+    ``tuning`` of its own recipe where no recipe was named (a named one, the preset's own
+    included, runs whole), then the preset's ``sizes``."""
     name = get_recipe(recipe or PRESET_RECIPES[preset]).name
-    changes = {**(dict(tuning or {}) if name == PRESET_RECIPES[preset] else {}), **sizes}
+    changes = {**(dict(tuning or {}) if recipe is None else {}), **sizes}
     return AttackConfig().override(**apply_recipe(name, changes)), name
 
 

@@ -140,6 +140,15 @@ def convergence(trial: TrialSummary, attack: AttackConfig) -> dict[str, Any]:
     return {"converged_epoch": None, "image_queries_at_convergence": None, "calls_256_at_convergence": None}
 
 
+def _temperature_used(scored: Sequence[TrialSummary], setting: float | str) -> float | None:
+    """The MI term's temperature the seed runs trained with ("auto" resolved from the victim's
+    clean memberships): one number, or None where none was reported or the seeds differ."""
+    used = {_value(f.final, "mi_temperature_used") for f in scored} - {None}
+    if setting != "auto" and not used:
+        return float(setting)
+    return used.pop() if len(used) == 1 else None
+
+
 def _value(row: Mapping[str, Any], key: str) -> Any:
     value = row.get(key)
     if isinstance(value, float) and not math.isfinite(value):
@@ -201,8 +210,7 @@ def seed_rows(
         **ident,
         "alpha_a": cfg.alpha_a,
         "alpha_c": cfg.alpha_c,
-        # What the seed runs trained with: "auto" resolved from the victim's clean memberships.
-        "mi_temperature": mean_std([_value(f.final, "mi_temperature_used") for f in scored])[0] or cfg.mi_temperature,
+        "mi_temperature": _temperature_used(scored, cfg.mi_temperature),
         "attack_loss": cfg.attack_loss,
         "seeds": ",".join(map(str, seeds)),
         "n_seeds": len(scored),

@@ -195,9 +195,9 @@ def test_presets_run_the_fast_recipe_unless_told_and_another_recipe_whole():
     # The demo tunes its own recipe down to its time ...
     demo = SweepConfig.preset("demo")
     assert demo.recipe == "fast" and {"epochs", "train_limit"} <= differs(demo, "fast")
-    # ... and another recipe replaces it whole: the tuning goes, the hold-out and device stay.
+    # ... and a named recipe, its own included, runs whole: the tuning goes, hold-out and device stay.
     for preset, sizes in (("demo", {"select_images"}), ("paper", {"select_images", "device"})):
-        for recipe in ("strong", "default"):
+        for recipe in ("strong", "default", "fast"):
             config = SweepConfig.preset(preset, recipe=recipe)
             assert config.recipe == recipe and differs(config, recipe) == sizes, (preset, recipe)
     # A recipe is chosen with the preset; relabelling a built sweep would record what did not run.

@@ -103,3 +103,19 @@ def test_mean_std_skips_missing_values_and_has_no_spread_for_one():
     assert mean_std([0.2, None, float("nan"), 0.4]) == (pytest.approx(0.3), pytest.approx(0.1414, abs=1e-4))
     assert mean_std([0.5]) == (0.5, None)
     assert mean_std([]) == (None, None)
+
+
+def test_the_temperature_column_is_what_the_seeds_trained_with_or_nothing():
+    from clusterattack.tuning.summary import _temperature_used
+
+    def seed(used):
+        final = {**_final(1, 600, 0.2), "mi_temperature_used": used}
+        if used is None:
+            del final["mi_temperature_used"]
+        return TrialSummary("f", {"eps": 0.1}, [_row(1, 1.0, 500), final])
+
+    assert _temperature_used([seed(1.0), seed(1.0)], "auto") == 1.0
+    # Seeds that resolved "auto" differently, or reported nothing: no number stands for them.
+    assert _temperature_used([seed(0.3), seed(1.0)], "auto") is None
+    assert _temperature_used([seed(None)], "auto") is None
+    assert _temperature_used([seed(None)], 0.5) == 0.5  # a number given is the one used
