@@ -202,12 +202,12 @@ def run_one(
     ``done``: the file an earlier run of the same (victim, recipe, seed) wrote; it is returned
     instead of a new run when its victim version and attack config are this run's.
     """
-    from clusterattack.attacks import AttackConfig, CountingVictim
+    from clusterattack.attacks import CountingVictim
     from clusterattack.attacks.counting import read_counts
     from clusterattack.attacks.gan import train_generator, training_split
     from clusterattack.attacks.gradients import make_gradient_source
     from clusterattack.attacks.gradients.pretext import attacker_backbone, attacker_cache_dir
-    from clusterattack.attacks.recipes import apply_recipe
+    from clusterattack.attacks.recipes import recipe_attack
     from clusterattack.cli import key_value
     from clusterattack.tracking.store import source_tags
     from clusterattack.tracking.sweeps import newest_version
@@ -226,7 +226,7 @@ def run_one(
         who, _, setting = text.partition(":")
         if who == model:
             changes.update([key_value(setting)])
-    config = AttackConfig().override(**apply_recipe(recipe, changes))
+    config = recipe_attack(recipe, changes)
     if config.mi_temperature == "auto":
         config = config.override(mi_temperature=_temperature(victim, test_x))
     if done is not None and done.exists():

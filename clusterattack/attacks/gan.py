@@ -5,27 +5,32 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from clusterattack.attacks.config import AttackConfig
-from clusterattack.attacks.counting import calls_of, read_counts
+from clusterattack.attacks.counting import read_counts
 from clusterattack.attacks.discriminator import Discriminator
 from clusterattack.attacks.generator import Generator
 from clusterattack.attacks.gradients import GradientSource, make_gradient_source, query_memberships
 from clusterattack.attacks.losses import (
-    SOFT_MEMBERSHIPS,
-    SOFT_MI_TEMPERATURE,
     config_objective,
     constraint_penalty,
     discriminator_loss,
     generator_gan_loss,
     membership_distance,
-    resolve_mi_temperature,
+    term_config,
+)
+from clusterattack.attacks.result import (
+    STOP_BUDGET,
+    STOP_CALLER,
+    STOP_CONVERGED,
+    AttackResult,
+    ConvergenceTracker,
+    EpochHook,
 )
 from clusterattack.precision import autocast
 from clusterattack.serving.errors import BudgetExceeded
@@ -34,118 +39,6 @@ from clusterattack.victims.base import Victim
 __all__ = ["AttackResult", "ConvergenceTracker", "perturb_images", "train_generator", "training_split"]
 
 log = logging.getLogger(__name__)
-
-STOP_COMPLETED = "completed"
-STOP_CONVERGED = "converged"
-STOP_BUDGET = "budget_exhausted"
-STOP_CALLER = "stopped_by_caller"
-
-#: Called after every epoch with the result so far and the state to resume from (see
-#: ``train_generator``); returning True ends training.
-EpochHook = Callable[["AttackResult", dict[str, Any]], bool | None]
-
-
-class ConvergenceTracker:
-    """The convergence rule that fixes the query complexity of a run.
-
-    After each epoch the epoch-mean generator loss is compared with the best mean so far.
-    An epoch is *stale* when it improves the best by less than ``tol`` times the total
-    improvement since the first epoch (at least ``1e-4``, so that a flat loss counts as
-    converged). The loss has converged at the end of the first run of ``patience``
-    consecutive stale epochs; the queries spent up to that point are the query complexity.
-    Scaling by the total improvement makes the rule independent of the loss's offset and
-    units (mutual information near 0, a negative distance, the GAN term).
-    """
-
-    def __init__(self, tol: float, patience: int) -> None:
-        self.tol = tol
-        self.patience = patience
-        self.first: float | None = None
-        self.best = math.inf
-        self.stale = 0
-        self.converged_epoch: int | None = None
-
-    def update(self, epoch: int, loss: float) -> bool:
-        """Record one epoch's mean loss; True the first time the rule is met."""
-        if not math.isfinite(loss):
-            self.stale = 0
-            return False
-        if self.first is None:
-            self.first, self.best = loss, loss
-            return False
-        scale = max(self.first - self.best, 1e-4)
-        if self.best - loss > self.tol * scale:
-            self.stale = 0
-        else:
-            self.stale += 1
-        self.best = min(self.best, loss)
-        if self.converged_epoch is None and self.stale >= self.patience:
-            self.converged_epoch = epoch
-            return True
-        return False
-
-
-@dataclass
-class AttackResult:
-    """What a generator training run produced, complete or cut short.
-
-    ``image_queries`` and ``calls`` are what the victim's own counters moved by during
-    training (None when the victim keeps no counters); ``*_at_convergence`` are the same
-    at the epoch the convergence rule fired (None if it never did). ``stopped`` is
-    "completed", "converged" (with ``stop_at_convergence``) or "budget_exhausted".
-    """
-
-    config: AttackConfig
-    generator: Generator
-    discriminator: Discriminator
-    source: dict[str, Any]
-    history: list[dict[str, float]] = field(default_factory=list)
-    stopped: str = STOP_COMPLETED
-    error: str | None = None
-    converged_epoch: int | None = None
-    image_queries: int | None = None
-    calls: int | None = None
-    image_queries_at_convergence: int | None = None
-    calls_at_convergence: int | None = None
-    seconds: float = 0.0
-    selected_epoch: int | None = None  # the epoch whose generator was kept (select_images)
-    # Image-queries of the selection hold-out (its clean memberships, then one query per image
-    # per epoch), as the victim's own counter moved; included in ``image_queries``.
-    selection_image_queries: int | None = None
-    # The MI term's temperature the run trained with (``mi_temperature`` "auto" resolved).
-    mi_temperature: float | None = None
-
-    @property
-    def epochs_run(self) -> int:
-        return len(self.history)
-
-    def summary(self) -> dict[str, Any]:
-        """Flat record of the run: config essentials, stop reason, query complexity."""
-        cfg = self.config
-        return {
-            "gradient_source": cfg.gradient_source,
-            "black_box": cfg.black_box,
-            "norm": cfg.norm,
-            "eps": cfg.eps,
-            "attack_loss": cfg.attack_loss,
-            "mi_temperature": self.mi_temperature if self.mi_temperature is not None else cfg.mi_temperature,
-            "target_cluster": cfg.target_cluster,
-            "seed": cfg.seed,
-            "stopped": self.stopped,
-            "error": self.error,
-            "epochs_run": self.epochs_run,
-            "converged_epoch": self.converged_epoch,
-            "image_queries": self.image_queries,
-            "calls": self.calls,
-            "calls_256": calls_of(self.image_queries, 256),
-            "image_queries_at_convergence": self.image_queries_at_convergence,
-            "calls_at_convergence": self.calls_at_convergence,
-            "calls_256_at_convergence": calls_of(self.image_queries_at_convergence, 256),
-            "selected_epoch": self.selected_epoch,
-            "selection_image_queries": self.selection_image_queries,
-            "train_seconds": round(self.seconds, 2),
-        }
-
 
 def perturb_images(
     generator: Generator,
@@ -197,29 +90,6 @@ def _counts_since(victim: Victim, start: tuple[int | None, int | None]) -> tuple
     return tuple(  # type: ignore[return-value]
         None if a is None or b is None else a - b for a, b in zip(now, start, strict=True)
     )
-
-
-def _term_config(clean: torch.Tensor, config: AttackConfig) -> AttackConfig:
-    """``config`` with its MI temperature a number: "auto" resolved once from the clean
-    memberships of the whole pool (queried anyway, so counted), said in the log; a soft
-    victim met at an explicit temperature of 1 or more is warned about."""
-    temperature = resolve_mi_temperature(config.mi_temperature, clean)
-    if config.attack_loss != "mutual_info" or config.target_cluster is not None or len(clean) == 0:
-        return config.override(mi_temperature=temperature)
-    confidence = float(clean.max(dim=1).values.mean())
-    if config.mi_temperature == "auto":
-        log.info(
-            "mi_temperature auto: %g (mean largest clean membership %.2f, soft below %.2f)",
-            temperature, confidence, SOFT_MEMBERSHIPS,
-        )
-    elif confidence < SOFT_MEMBERSHIPS and temperature >= 1.0:
-        log.warning(
-            "the victim's memberships are soft (mean largest membership %.2f < %.2f): the "
-            "mutual_info term at mi_temperature %g sees few cluster changes; consider "
-            "--set mi_temperature=auto (%g for such a victim)",
-            confidence, SOFT_MEMBERSHIPS, temperature, SOFT_MI_TEMPERATURE,
-        )
-    return config.override(mi_temperature=temperature)
 
 
 def _lr_factor(config: AttackConfig, epoch: int) -> float:
@@ -323,9 +193,7 @@ def train_generator(
             before = read_counts(victim)
             held_clean = query_memberships(victim, held, config.query_batch).argmax(1)
             selection_used += _counts_since(victim, before)[0] or 0
-        term_config = _term_config(clean, config)
-        if config.attack_loss == "mutual_info" and config.target_cluster is None:
-            result.mi_temperature = float(term_config.mi_temperature)  # the only term that reads it
+        resolved, result.mi_temperature = term_config(config, clean)
         source_state = None if resume is None else resume.get("source")
         if source_state:
             source.resume(pool, clean, source_state, progress=progress)
@@ -349,7 +217,7 @@ def train_generator(
                 if idx.numel() < 2:
                     continue  # a one-image batch has no mutual information to speak of
                 stats = _step(
-                    generator, discriminator, opt_g, opt_d, source, term_config,
+                    generator, discriminator, opt_g, opt_d, source, resolved,
                     train_x[idx].to(device), train_m[idx].to(device),
                 )
                 for key, value in stats.items():

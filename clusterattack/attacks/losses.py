@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +23,12 @@ __all__ = [
     "membership_distance",
     "resolve_mi_temperature",
     "soft_mutual_information",
+    "term_config",
     "SOFT_MEMBERSHIPS",
     "SOFT_MI_TEMPERATURE",
 ]
+
+log = logging.getLogger(__name__)
 
 _TINY = 1e-8
 
@@ -108,6 +112,31 @@ def resolve_mi_temperature(setting: float | str, clean: torch.Tensor) -> float:
     if clean.numel() == 0:
         return 1.0
     return SOFT_MI_TEMPERATURE if float(clean.max(dim=1).values.mean()) < SOFT_MEMBERSHIPS else 1.0
+
+
+def term_config(config: Any, clean: torch.Tensor) -> tuple[Any, float | None]:
+    """(``config`` with its MI temperature a number, the temperature the term reads or None
+    for a term that reads none): "auto" resolved once from ``clean``, the memberships of the
+    whole pool (queried anyway, so counted), and said in the log; a soft victim met at an
+    explicit temperature of 1 or more is warned about."""
+    temperature = resolve_mi_temperature(config.mi_temperature, clean)
+    resolved = config.override(mi_temperature=temperature)
+    if config.attack_loss != "mutual_info" or config.target_cluster is not None or len(clean) == 0:
+        return resolved, None
+    confidence = float(clean.max(dim=1).values.mean())
+    if config.mi_temperature == "auto":
+        log.info(
+            "mi_temperature auto: %g (mean largest clean membership %.2f, soft below %.2f)",
+            temperature, confidence, SOFT_MEMBERSHIPS,
+        )
+    elif confidence < SOFT_MEMBERSHIPS and temperature >= 1.0:
+        log.warning(
+            "the victim's memberships are soft (mean largest membership %.2f < %.2f): the "
+            "mutual_info term at mi_temperature %g sees few cluster changes; consider "
+            "--set mi_temperature=auto (%g for such a victim)",
+            confidence, SOFT_MEMBERSHIPS, temperature, SOFT_MI_TEMPERATURE,
+        )
+    return resolved, temperature
 
 
 def attack_objective(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["RECIPES", "Recipe", "apply_recipe", "get_recipe", "recipe_names"]
+__all__ = ["RECIPES", "Recipe", "apply_recipe", "get_recipe", "recipe_attack", "recipe_names"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,10 @@ def get_recipe(name: str) -> Recipe:
 def apply_recipe(name: str, changes: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The recipe's overrides with ``changes`` (flags, ``--set``) on top: what ``override`` takes."""
     return {**get_recipe(name).overrides, **dict(changes or {})}
+
+
+def recipe_attack(name: str, changes: Mapping[str, Any] | None = None) -> Any:
+    """The ``AttackConfig`` of recipe ``name`` with ``changes`` on top (validated)."""
+    from clusterattack.attacks.config import AttackConfig
+
+    return AttackConfig().override(**apply_recipe(name, changes))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clusterattack.attacks.config import AttackConfig
+from clusterattack.attacks.recipes import recipe_attack
 from clusterattack.tuning.space import DEFAULT_SPACE, ParamSpec
 
 __all__ = [
@@ -83,12 +84,6 @@ def target_name(model: str) -> str:
     return name[:40]
 
 
-def _recipe_attack(recipe: str, **changes: Any) -> AttackConfig:
-    from clusterattack.attacks.recipes import apply_recipe
-
-    return AttackConfig().override(**apply_recipe(recipe, changes))
-
-
 def _int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -156,7 +151,7 @@ class SweepConfig:
     preset_name: str = "demo"
     targets: tuple[tuple[str, str], ...] = (("cc", "fashion_mnist"), ("scan", "fashion_mnist"))
     space: tuple[ParamSpec, ...] = DEFAULT_SPACE
-    attack: AttackConfig = field(default_factory=lambda: _recipe_attack("fast", select_images=512))
+    attack: AttackConfig = field(default_factory=lambda: recipe_attack("fast", {"select_images": 512}))
     recipe: str = "fast"
     gradient_sources: tuple[str, ...] = ("surrogate",)
     eps_grid: tuple[float, ...] = (0.1,)
@@ -424,14 +419,11 @@ class SweepConfig:
         ``gradient_source`` is taken as a one-source
         ``gradient_sources``. The experiment name defaults to ``<preset>-<date>-<time>``.
         """
-        from clusterattack.attacks.recipes import get_recipe
 
         if name not in PRESETS:
             raise ValueError(f"unknown sweep preset {name!r}, expected one of {PRESETS}")
         from clusterattack.tuning.presets import PRESET_BUILDERS
 
-        if "recipe" in overrides:
-            get_recipe(overrides["recipe"])  # an unknown name fails here, naming the known ones
         base = PRESET_BUILDERS[name](overrides.pop("recipe", None))
         overrides.setdefault("experiment", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if "eps" in overrides:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from clusterattack.attacks.config import AttackConfig
-from clusterattack.attacks.recipes import apply_recipe, get_recipe
+from clusterattack.attacks.recipes import get_recipe, recipe_attack
 from clusterattack.tuning.config import PAPER_DATASETS, SweepConfig
 from clusterattack.tuning.space import DEFAULT_SPACE, ParamSpec
 
@@ -33,7 +33,7 @@ def preset_attack(
     included, runs whole), then the preset's ``sizes``."""
     name = get_recipe(recipe or PRESET_RECIPES[preset]).name
     changes = {**(dict(tuning or {}) if recipe is None else {}), **sizes}
-    return AttackConfig().override(**apply_recipe(name, changes)), name
+    return recipe_attack(name, changes), name
 
 
 def _tiny(recipe: str | None = None) -> SweepConfig:

@@ -122,7 +122,7 @@ def test_soft_memberships_under_an_unsharpened_mi_term_are_pointed_out(
         confidence = float(soft.predict_proba(blobs[0]).max(1).values.mean())
     assert (confidence < 0.6) == (scale < 1), confidence
     cfg = config(gradient_source="whitebox", epochs=1, mi_temperature=temperature)
-    with caplog.at_level("INFO", logger="clusterattack.attacks.gan"):
+    with caplog.at_level("INFO", logger="clusterattack.attacks"):
         result = train_generator(soft, blobs[0], cfg, progress=False)
     assert any("memberships are soft" in r.getMessage() for r in caplog.records) is warned
     # What the run trained with, "auto" resolved from the clean memberships it queried.
