@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
 from collections.abc import Mapping
@@ -48,12 +47,6 @@ L2_EPS_GRID = (0.5, 1.0, 2.0)
 #: Data sets the ``paper`` preset tries, in the paper's order then the offline ones; those
 #: not present on disk are skipped with a warning (``skip_missing_datasets``).
 PAPER_DATASETS = ("cifar10", "cifar20", "stl10", "fashion_mnist", "mnist5k")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-# Fields Tune must not sample: they say which attack this is, not how strong it is.
-# eps is a grid (``eps_grid``), not sampled: each eps value gets its own best trial.
-_UNTUNABLE = (
-    "gradient_source", "seed", "device", "epochs", "query_batch", "train_limit", "select_images", "eps",
-)  # fmt: skip
 
 
 def target_name(model: str) -> str:
@@ -82,18 +75,6 @@ def target_name(model: str) -> str:
     # Letters, digits and '_' only: a logged model's name (generator-<name>-<dataset>) takes no '.'.
     name = re.sub(r"[^A-Za-z0-9_]+", "_", spec.display_name).strip("_") or "victim"
     return name[:40]
-
-
-def _int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _number(name: str, value: Any, minimum: float, strict: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
-        relation = ">" if strict else ">="
-        raise ValueError(f"{name} must be a finite number {relation} {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -184,149 +165,9 @@ class SweepConfig:
     analyses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        from clusterattack.victims.registry import PRESETS as VICTIM_PRESETS
+        from clusterattack.tuning.checks import check_sweep
 
-        if self.preset_name not in PRESETS:
-            raise ValueError(f"preset_name must be one of {PRESETS}, got {self.preset_name!r}")
-        if not isinstance(self.targets, tuple) or not self.targets:
-            raise ValueError(f"targets must be a non-empty tuple of (model, dataset) pairs, got {self.targets!r}")
-        for target in self.targets:
-            if not (isinstance(target, tuple) and len(target) == 2 and all(isinstance(t, str) for t in target)):
-                raise ValueError(f"each target must be a (model, dataset) pair of names, got {target!r}")
-            target_name(target[0])  # a zoo model, or a victim specification of one's own
-            if not re.match(r"^[A-Za-z0-9_.]+$", target[1]):
-                raise ValueError(f"dataset {target[1]!r} must be a registered name (letters, digits, '_', '.')")
-        names = [(target_name(m), d) for m, d in self.targets]
-        if len(set(names)) != len(names):
-            raise ValueError(f"targets must not repeat (by name and data set), got {self.targets!r}")
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"targets must not repeat, got {self.targets!r}")
-        if not isinstance(self.attack, AttackConfig):
-            raise ValueError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
-        self._check_attack()
-        self._check_space()
-        _int("budget", self.budget, 1)
-        _int("num_samples", self.num_samples, 1)
-        if self.time_attr not in TIME_ATTRS:
-            raise ValueError(f"time_attr must be one of {TIME_ATTRS}, got {self.time_attr!r}")
-        if self.max_t is not None:
-            _int("max_t", self.max_t, 1)
-            if self.time_attr == "epoch" and self.max_t > self.attack.epochs:
-                raise ValueError(
-                    f"max_t ({self.max_t} epochs) must not exceed the generator epochs per trial "
-                    f"(attack.epochs = {self.attack.epochs})"
-                )
-        _int("grace_period", self.grace_period, 1)
-        if self.grace_period > self.asha_max_t:
-            raise ValueError(f"grace_period ({self.grace_period}) must not exceed max_t ({self.asha_max_t})")
-        _number("reduction_factor", self.reduction_factor, 1.0, strict=True)
-        _number("cpus_per_trial", self.cpus_per_trial, 0.0, strict=True)
-        _number("gpus_per_trial", self.gpus_per_trial, 0.0)
-        if self.gpus_per_trial > 0 and self.attack.device == "cpu":
-            raise ValueError(
-                f"gpus_per_trial={self.gpus_per_trial!r} needs attack.device 'cuda', got 'cpu' "
-                "(the trials would hold a GPU and leave it idle)"
-            )
-        if self.attack.device.startswith("cuda") and self.gpus_per_trial == 0:
-            raise ValueError(
-                f"attack.device {self.attack.device!r} needs gpus_per_trial > 0, got 0 "
-                "(Ray would give the trials no GPU)"
-            )
-        if self.max_concurrent is not None:
-            _int("max_concurrent", self.max_concurrent, 1)
-        _int("max_failures", self.max_failures, 0)
-        _int("eval_limit", self.eval_limit, 2)
-        if self.victim_preset not in VICTIM_PRESETS:
-            raise ValueError(f"victim_preset must be one of {VICTIM_PRESETS}, got {self.victim_preset!r}")
-        if self.victim_epochs is not None:
-            _int("victim_epochs", self.victim_epochs, 0)
-        if self.victim_train_limit is not None:
-            _int("victim_train_limit", self.victim_train_limit, 2)
-        for name in ("data_dir", "storage"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty path or URI, got {getattr(self, name)!r}")
-        if not isinstance(self.experiment, str) or not _NAME.match(self.experiment):
-            raise ValueError(
-                f"experiment must be 1-100 letters, digits, '_', '.' or '-' (it names a folder), "
-                f"got {self.experiment!r}"
-            )
-        _number("replica_cpus", self.replica_cpus, 0.0)
-        _number("replica_gpus", self.replica_gpus, 0.0)
-        _int("serve_port", self.serve_port, 1)
-        if self.serve_port > 65535:
-            raise ValueError(f"serve_port must be a TCP port (1-65535), got {self.serve_port!r}")
-        _int("object_store_mb", self.object_store_mb, 64)
-        from clusterattack.analyses.suite import parse_analyses
-
-        if not isinstance(self.analyses, tuple) or parse_analyses(self.analyses) != self.analyses:
-            raise ValueError(
-                f"analyses must be a tuple of names in their canonical order, got {self.analyses!r} "
-                f"(parse them with clusterattack.analyses.suite.parse_analyses)"
-            )
-        if self.analyses and not self.register_generators:
-            raise ValueError("analyses run on the sweep's registered generators: they need register_generators=True")
-
-    def _check_attack(self) -> None:
-        from clusterattack.attacks.recipes import get_recipe
-
-        get_recipe(self.recipe)
-        sources = self.gradient_sources
-        if not isinstance(sources, tuple) or not sources or len(set(sources)) != len(sources):
-            raise ValueError(f"gradient_sources must be a non-empty tuple without repeats, got {sources!r}")
-        for source in sources:
-            if source not in BLACK_BOX_SOURCES:
-                raise ValueError(
-                    f"gradient source {source!r} is not black-box: trials see the victim only through its "
-                    f"served API, so it must be one of {BLACK_BOX_SOURCES}"
-                )
-        if self.attack.gradient_source not in BLACK_BOX_SOURCES:
-            raise ValueError(
-                f"attack.gradient_source must be a black-box source {BLACK_BOX_SOURCES}, "
-                f"got {self.attack.gradient_source!r}"
-            )
-        if not isinstance(self.eps_grid, tuple) or not self.eps_grid:
-            raise ValueError(f"eps_grid must be a non-empty tuple of radii, got {self.eps_grid!r}")
-        if len(set(self.eps_grid)) != len(self.eps_grid):
-            raise ValueError(f"eps_grid must not repeat a value, got {self.eps_grid!r}")
-        for eps in self.eps_grid:
-            try:
-                self.attack.override(eps=eps)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"eps_grid value {eps!r} is not a valid {self.attack.norm} radius: {err}") from err
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.objective == "label_free" and self.attack.select_images < 2:
-            raise ValueError(
-                "objective 'label_free' scores epochs and trials on images the attacker holds out of its "
-                f"pool, so attack.select_images must be >= 2 (e.g. --set select_images=512), got "
-                f"{self.attack.select_images}"
-            )
-        _int("seeds", self.seeds, 1)
-
-    def _check_space(self) -> None:
-        if not isinstance(self.space, tuple) or not self.space:
-            raise ValueError(f"space must be a non-empty tuple of ParamSpec, got {self.space!r}")
-        known = self.attack.flat()
-        names = [spec.name for spec in self.space]
-        if len(set(names)) != len(names):
-            raise ValueError(f"space names a field twice: {names}")
-        for spec in self.space:
-            if not isinstance(spec, ParamSpec):
-                raise ValueError(f"space entries must be ParamSpec, got {spec!r}")
-            if spec.name not in known:
-                raise ValueError(f"search dimension {spec.name!r} is not an AttackConfig field; known: {sorted(known)}")
-            if spec.name in _UNTUNABLE:
-                raise ValueError(
-                    f"search dimension {spec.name!r} cannot be tuned: it is fixed per sweep "
-                    f"({', '.join(_UNTUNABLE)} are)"
-                )
-            # Every corner of the space must make a valid attack, or trials fail one by one.
-            ends = spec.values if spec.kind == "choice" else (spec.low, spec.high)
-            for value in ends or ():
-                try:
-                    self.attack.override(**{spec.name: value})
-                except (TypeError, ValueError) as err:
-                    raise ValueError(f"search dimension {spec.describe()!r} reaches an invalid attack: {err}") from err
+        check_sweep(self)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -419,7 +260,6 @@ class SweepConfig:
         ``gradient_source`` is taken as a one-source
         ``gradient_sources``. The experiment name defaults to ``<preset>-<date>-<time>``.
         """
-
         if name not in PRESETS:
             raise ValueError(f"unknown sweep preset {name!r}, expected one of {PRESETS}")
         from clusterattack.tuning.presets import PRESET_BUILDERS
