@@ -245,8 +245,10 @@ def trial_trainable(
     """
     from ray import tune
 
+    from clusterattack.attacks.gradients.pretext import attacker_cache_dir
     from clusterattack.tuning.trainable import TrialContext, attack_trainable
 
+    cache = attacker_cache_dir()
     scores = phase == "final" or config.objective == "oracle"
     context = TrialContext(
         model=target.model,
@@ -263,6 +265,7 @@ def trial_trainable(
         torch_threads=max(1, int(config.cpus_per_trial)),
         phase=phase,
         objective=config.objective,
+        attacker_cache=str(cache.resolve()) if cache else "",
     )
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     return tune.with_resources(tune.with_parameters(attack_trainable, context=context), resources)

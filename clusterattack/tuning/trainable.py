@@ -36,6 +36,7 @@ from clusterattack.attacks.config import AttackConfig
 from clusterattack.attacks.evaluate import evaluate_attack
 from clusterattack.attacks.gan import AttackResult, perturb_images, train_generator
 from clusterattack.attacks.gradients import query_memberships, without_queried_points
+from clusterattack.attacks.gradients.pretext import CACHE_ENV
 from clusterattack.attacks.io import save_generator
 
 __all__ = [
@@ -101,6 +102,11 @@ class TrialContext:
     torch_threads: int = 1
     phase: str = "search"
     objective: str = "label_free"
+    #: The attacker's backbone cache (``CLUSTERATTACK_CACHE_DIR``) as an absolute folder, resolved
+    #: where the driver runs; empty: no cache. Tune runs each trial in a working folder of its
+    #: own, where the default relative ``runs/cache`` gave every trial a cache of its own and
+    #: every trial trained its attacker pretexts again.
+    attacker_cache: str = ""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -176,6 +182,7 @@ def attack_trainable(config: dict[str, Any], context: TrialContext) -> None:
     from clusterattack.serving import LedgerAdmin, ServedVictim
 
     torch.set_num_threads(max(1, int(context.torch_threads)))
+    os.environ[CACHE_ENV] = context.attacker_cache
     attack = AttackConfig.from_dict(context.attack).override(**trial_params(config))
     trial_id = tune.get_context().get_trial_id() or "local"
 

@@ -138,12 +138,14 @@ def pretext_backbone(
     *,
     evaluate=kmeans_scores,
     cache_kind: str = "pretext",
+    wait: bool = True,
 ) -> PretextResult:
     """A SimCLR-trained backbone state dict for ``data``, from the cache when available.
 
     ``evaluate`` scores the features after the last epoch (k-means on the test split; an
     attacker without labels passes one that returns {}); ``cache_kind`` prefixes the cache
     file. The fingerprint covers ``data.name`` and size, the backbone, recipe and seed.
+    ``wait=False``: raise ``CacheBusy`` if another process is building the same backbone.
     """
     fp = fingerprint_of(
         kind="simclr",
@@ -171,7 +173,7 @@ def pretext_backbone(
             "history": history,
         }
 
-    result, was_cached = cached(ctx, cache_kind, fp, build)
+    result, was_cached = cached(ctx, cache_kind, fp, build, wait=wait)
     return PretextResult(
         result["backbone"],
         float(result["wall_s"]),

@@ -438,14 +438,19 @@ def cache_key(fingerprint: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class CacheBusy(RuntimeError):
+    """``cached(..., wait=False)``: another process is building this entry right now."""
+
+
 def cached(
-    ctx: TrainContext, kind: str, fingerprint: dict, build: Callable[[TrainContext], dict]
+    ctx: TrainContext, kind: str, fingerprint: dict, build: Callable[[TrainContext], dict], *, wait: bool = True
 ) -> tuple[dict, bool]:
     """``build(child_ctx)`` once per fingerprint, its result stored under ``ctx.cache_dir``.
 
     Returns (result, was_cached). Without a cache dir the result is built every time. The
     child context checkpoints into a folder beside the cache file, so an interrupted build
-    resumes too.
+    resumes too. With ``wait=False`` an entry another process is building raises
+    :class:`CacheBusy` instead of waiting for it (the caller may build another entry first).
     """
     if ctx.cache_dir is None:
         return build(ctx.child(None)), False
@@ -462,6 +467,8 @@ def cached(
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        if not wait:
+            raise CacheBusy(f"another process is building {path.name}") from None
         log.info("%s: another process is building %s; waiting for it", kind, path.name)
         lock.acquire()
     try:

@@ -110,3 +110,41 @@ def test_a_resumed_pretext_surrogate_needs_neither_the_attacker_pretext_nor_its_
     assert resumed.history == full.history
     for a, b in zip(full.generator.parameters(), resumed.generator.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_backbone_another_process_is_building_is_taken_up_after_the_others(blobs, tmp_path, monkeypatch):
+    import shutil
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    from clusterattack.attacks.gradients.pretext import attacker_backbones
+
+    images = blobs[0][:96]
+    # Seed 5's cache entry, built elsewhere first: its name, and what the other process will write.
+    _, probe = attacker_backbone(images, epochs=1, seed=5, cache_dir=tmp_path / "probe")
+    (entry,) = (tmp_path / "probe").glob("attacker-pretext-*.pt")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("CLUSTERATTACK_CACHE_DIR", str(cache))
+    other = FileLock(str(cache / entry.with_suffix(".lock").name))
+    other.acquire()  # another process is building seed 5's backbone
+    got: dict = {}
+    worker = threading.Thread(target=lambda: got.update(attacker_backbones(images, 1, [5, 6])))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(cache.glob("attacker-pretext-*.pt"))) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Seed 6 was built while seed 5 was held, and seed 5 is still awaited.
+        assert [p.name for p in cache.glob("attacker-pretext-*.pt")] != [entry.name]
+        assert len(list(cache.glob("attacker-pretext-*.pt"))) == 1 and worker.is_alive()
+        shutil.copy(entry, cache / entry.name)
+    finally:
+        other.release()
+    worker.join(120)
+    assert not worker.is_alive() and sorted(got) == [5, 6]
+    # Seed 5 was read from what the other process wrote, not built a second time.
+    assert all(torch.equal(got[5][1][k], probe[k]) for k in probe)
+    assert len(list(cache.glob("attacker-pretext-*.pt"))) == 2

@@ -60,3 +60,28 @@ def test_targets_take_specs_and_refuse_what_is_neither(tmp_path):
         SweepConfig.preset("tiny", targets=(("victim-cc-digits", "digits"),))
     with pytest.raises(ValueError, match="targets must not repeat"):
         SweepConfig.preset("tiny", targets=((SPEC, "digits"), ("examples/sklearn_digits.py:build", "digits")))
+
+
+def test_trials_share_the_attackers_pretext_cache_of_the_driver(ray_session, tmp_path, monkeypatch):
+    """Tune runs each trial in a working folder of its own: the attacker's backbones must still be
+    cached where the driver's (relative) cache folder points, once per pool and seed, not per trial."""
+    from clusterattack.tuning.config import SweepConfig
+    from clusterattack.tuning.sweep import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    monkeypatch.setenv("CLUSTERATTACK_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    monkeypatch.setenv("CLUSTERATTACK_CACHE_DIR", "attacker-cache")  # relative to the driver's folder
+    monkeypatch.chdir(tmp_path)
+    config = SweepConfig.preset(
+        "tiny", targets=((SPEC, "digits"),), eps_grid=(0.2,), num_samples=2, seeds=1, experiment="cached",
+        storage=str(tmp_path / "sweeps"), data_dir=str(tmp_path / "data"), serve_port=free_port(),
+        **{"surrogate.arch": "pretext", "surrogate.ensemble": 1, "surrogate.pretext_epochs": 1},
+    )  # fmt: skip
+    outcome = run_sweep(config)
+    assert not outcome.interrupted and len(outcome.table1) == 1
+    # Two search trials share the search seed's backbone; the seed run has a seed of its own.
+    seeds = {config.attack.seed, *config.final_seeds()}
+    cached = sorted((tmp_path / "attacker-cache").glob("attacker-pretext-*.pt"))
+    assert len(cached) == len(seeds) == 2, [p.name for p in cached]

@@ -24,7 +24,13 @@ from clusterattack.victims.backbones import Backbone, BackboneConfig, backbone_f
 from clusterattack.victims.pretext import PretextRecipe, pretext_backbone
 from clusterattack.victims.training import DEFAULT_CACHE_DIR, TrainContext, TrainData
 
-__all__ = ["PretextSurrogate", "attacker_backbone", "attacker_cache_dir", "pretext_surrogate_shell"]
+__all__ = [
+    "PretextSurrogate",
+    "attacker_backbone",
+    "attacker_backbones",
+    "attacker_cache_dir",
+    "pretext_surrogate_shell",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +77,14 @@ def attacker_backbone(
     device: str = "cpu",
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    wait: bool = True,
 ) -> tuple[BackboneConfig, dict]:
     """(backbone config, state dict) of a SimCLR backbone trained on ``images`` (float, [0, 1]).
 
     The backbone is the one the demo preset sizes for this input shape; the recipe the
     shared pretext recipe with ``epochs`` epochs. The global RNGs are left as they were,
     so a run draws the same numbers whether the backbone came from the cache or not.
+    ``wait=False``: raise ``CacheBusy`` if another process is building this backbone now.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be N x C x H x W, got {tuple(images.shape)}")
@@ -97,9 +105,33 @@ def attacker_backbone(
     with torch.random.fork_rng(devices=devices):
         result = pretext_backbone(
             config, PretextRecipe(epochs=epochs), data, ctx, evaluate=_no_evaluation,
-            cache_kind="attacker-pretext",
+            cache_kind="attacker-pretext", wait=wait,
         )
     random.setstate(py_state)
     np.random.set_state(np_state)
     log.info("attacker pretext (%d epochs, seed %d): %s", epochs, seed, "cached" if result.cached else "trained")
     return config, {k: v.detach().cpu() for k, v in result.backbone_state.items()}
+
+
+def attacker_backbones(
+    images: torch.Tensor, epochs: int, seeds: list[int], device: str = "cpu", progress: bool = False
+) -> dict[int, tuple[BackboneConfig, dict]]:
+    """``attacker_backbone`` of each seed, cached under ``attacker_cache_dir()``.
+
+    A backbone another process is building right now (two trials started side by side on
+    the same images and seeds) is taken up after the others: the two build different ones
+    and each then reads the other's, instead of the second waiting through both builds.
+    """
+    from clusterattack.victims.training import CacheBusy
+
+    cache = attacker_cache_dir()
+    out: dict[int, tuple[BackboneConfig, dict]] = {}
+    for wait in (False, True):
+        for seed in dict.fromkeys(seeds):
+            if seed in out:
+                continue
+            try:
+                out[seed] = attacker_backbone(images, epochs, seed, device, cache, progress, wait=wait)
+            except CacheBusy:
+                log.info("attacker pretext (seed %d) is being built by another process: later", seed)
+    return out

@@ -23,8 +23,7 @@ from clusterattack.attacks.config import SurrogateConfig
 from clusterattack.attacks.gradients.base import GradientSource, query_memberships
 from clusterattack.attacks.gradients.pretext import (
     PretextSurrogate,
-    attacker_backbone,
-    attacker_cache_dir,
+    attacker_backbones,
     pretext_surrogate_shell,
 )
 from clusterattack.precision import autocast
@@ -259,12 +258,11 @@ class SurrogateSource(GradientSource):
         seeds = self.pretext_seeds()
         # The attacker's own contrastive backbones, trained on the images it holds (the pool
         # it queried) with seeds of their own: no label, no query, no victim weight.
-        backbones = {
-            seed: attacker_backbone(
-                images, self.config.pretext_epochs, seed, self.device, attacker_cache_dir(), progress
-            )
-            for seed in dict.fromkeys(seeds)
-        } if self.config.arch == "pretext" else {}
+        backbones = (
+            attacker_backbones(images, self.config.pretext_epochs, seeds, self.device, progress)
+            if self.config.arch == "pretext"
+            else {}
+        )
         for member in range(self.config.ensemble):
             torch.manual_seed(self._seed * 1000 + member)
             if backbones:
