@@ -247,6 +247,44 @@ def test_analyses_read_the_registry_the_request_names_not_the_workers_environmen
     assert run.info.status == "FINISHED" and "error" not in run.data.tags
 
 
+def test_baselines_run_one_task_per_victim_merged_into_one_run(analysed, tmp_path):
+    """Two victims' baselines (CC's rows again under a second model name) run as two Ray tasks, and
+    their shares make one child run whose items are those the unsplit analysis computes."""
+    from clusterattack.analyses.suite import run_sweep_analyses
+    from clusterattack.analyses.suite.driver import PER_VICTIM, _tasks_of
+    from clusterattack.tracking.sweeps import SweepRecorder
+
+    tmp, config, outcome, _, statuses, _ = analysed
+    client = MlflowClient(outcome.tracking_uri)
+    recorder = SweepRecorder(outcome.tracking_uri)
+    parent = recorder.start_parent("two-victims", config.to_dict(), {"sweep": "two-victims", "preset": "tiny"})
+    recorder.end_run(parent)
+    rows = [*outcome.table1, *(dict(r, model="twin") for r in outcome.table1)]
+    table2 = [*outcome.table2, *(dict(r, model="twin") for r in outcome.table2)]
+    request = _request(config, outcome, sweep="two-victims", parent_run_id=parent, analyses=("baselines",),
+                       rows=rows, table2=table2)  # fmt: skip
+    assert "baselines" in PER_VICTIM and _tasks_of("baselines", request) == [("cc",), ("twin",)]
+    assert _tasks_of("pca", request) == [None]
+    got = run_sweep_analyses(request)
+    assert got["baselines"].status == "FINISHED" and got["baselines"].items == 2, got
+    (run,) = _children(client, parent)["baselines"]
+    assert run.info.status == "FINISHED"
+    payload = _payload(client, run, tmp_path / "split")
+    assert payload["tasks"] == 2 and payload["failed"] == []
+    items = {i["key"]: i["payload"] for i in payload["items"]}
+    assert sorted(items) == ["cc-digits-surrogate-eps0.1", "twin-digits-surrogate-eps0.1"]
+    # The same seeded attacks on the same victim and images: each share equals the unsplit run's item.
+    (whole,) = _children(client, outcome.parent_run_id)["baselines"]
+    (before,) = _payload(client, whole, tmp_path / "whole")["items"]
+    assert _payload(client, whole, tmp_path / "whole")["tasks"] == 1
+    for key, item in items.items():
+        assert item["rows"] == before["payload"]["rows"], key
+    metrics = run.data.metrics
+    assert metrics["items"] == 2 and any(k.startswith("twin-digits") for k in metrics)
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "figures")}
+    assert len(artifacts) == 2 * len(list(client.list_artifacts(whole.info.run_id, "figures"))), artifacts
+
+
 def test_a_failing_analysis_leaves_the_others_and_the_report_standing(swept, tmp_path):
     """Through ``jobs/report.py --run-analyses`` (the request read back from the parent run)."""
     from clusterattack.tracking.sweeps import SweepRecorder

@@ -3,7 +3,8 @@
 ``run_sweep_analyses(request)`` runs, after a sweep's seed runs, the analyses
 ``request.analyses`` names over the sweep's Table 1 rows (each row: a victim version, a
 gradient source, an eps, the registered generator the attacker kept) and returns what each
-did. Each analysis is one Ray task and one MLflow child run of the sweep's parent run
+did. Each analysis is one Ray task (``baselines``: one per victim, their shares merged by
+the driver) and one MLflow child run of the sweep's parent run
 (tags ``mlflow.parentRunId``, ``analysis``, ``phase`` = "analysis", the victim versions,
 generators, seeds, selection objective and code commit). An analysis that raises, or one of
 whose items (rows, groups of rows) raises, ends FAILED with its error in tag ``error``; what
@@ -65,8 +66,9 @@ other seven take about 35 s for the tiny sweep (2 busy cores). In the demo each 
 point trains a generator with the sweep's settings (measured on one busy core against CC on
 Fashion-MNIST: 56 s white-box, 84 s surrogate), so norm curves take about 14 minutes for CC
 and SCAN in one task and bound the wall time; retraining takes about 7 (two fresh attacks per
-victim); the baselines about two minutes per victim (NES, SPSA and Square at 25 to 400 queries
-on 1,000 images); the rest seconds.
+victim); the baselines 3.5-4 minutes per victim on one core (NES, SPSA and Square at 25 to 400
+queries on 1,000 images; one task per victim, so the demo's two take 231 s side by side, 444 s
+when they were one task); the rest seconds.
 
 Modules, by role: ``request`` (the names, :class:`SweepAnalysisRequest`,
 :class:`AnalysisStatus`, :func:`request_from_sweep`), ``sizes`` (:class:`AnalysisSizes` and

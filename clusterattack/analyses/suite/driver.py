@@ -1,8 +1,10 @@
-"""Running a sweep's analyses: one task per analysis, each logged into a child run of the sweep's parent run."""
+"""Running a sweep's analyses: one task per analysis (per victim for ``PER_VICTIM`` ones), each logged into a child run of the sweep's parent run."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import pickle
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,10 +23,14 @@ from clusterattack.analyses.suite.rows import _run_tags
 from clusterattack.analyses.suite.task import _Loader, _Outcome
 from clusterattack.analyses.suite.transfer import _transfer
 
-__all__ = ["run_analysis", "run_sweep_analyses"]
+__all__ = ["PER_VICTIM", "analysis_part", "run_analysis", "run_sweep_analyses"]
 
 log = logging.getLogger(__name__)
 
+#: Analyses whose items are one victim each: one task per victim (Table 1's ``model``), their
+#: shares merged into the analysis's one child run. The demo's baselines ran 432 s in one task
+#: of its two victims while the other core sat idle after 36 s.
+PER_VICTIM = frozenset({"baselines"})
 #: The order tasks are submitted in: the longest first, so that they do not finish last alone.
 _ORDER = ("norm_curves", "retraining", "baselines", "detection", "transfer", "pca", "breakdown", "query_detection")
 
@@ -47,31 +53,87 @@ def run_analysis(name: str, request: SweepAnalysisRequest, run_id: str) -> dict[
     The body of each Ray task (callable in-process too). Raises when nothing could be
     computed or logged; items that failed are listed in the returned ``failed``.
     """
-    from clusterattack.tracking.analyses import log_analysis_artifacts
-    from clusterattack.tracking.store import configure, source_tags
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"ca-{name}-") as tmp:
+        out = _compute(name, request, Path(tmp))
+        return _log_outcome(name, request, run_id, out, time.perf_counter() - started)
+
+
+def analysis_part(name: str, request: SweepAnalysisRequest, models: tuple[str, ...]) -> bytes:
+    """The items of per-victim analysis ``name`` over the Table 1 rows of ``models`` only: one
+    task's share, returned (not logged) for the driver to merge into the analysis's run.
+
+    Returned pickled: Ray hands numpy arrays back read-only (zero-copy from its object store),
+    and a matplotlib figure so received fails when it is drawn ("assignment destination is
+    read-only"); ``pickle.loads`` in the driver gives writable copies.
+    """
+    if name not in PER_VICTIM:
+        raise ValueError(f"{name!r} is not split by victim; those that are: {sorted(PER_VICTIM)}")
+    part = dataclasses.replace(request, rows=tuple(r for r in request.rows if str(r["model"]) in models))
+    with tempfile.TemporaryDirectory(prefix=f"ca-{name}-") as tmp:
+        out = _compute(name, part, Path(tmp))
+    if out.files:
+        raise RuntimeError(f"{name}: a task's share cannot ship files ({sorted(out.files)}): it would lose them")
+    return pickle.dumps(out)
+
+
+def _compute(name: str, request: SweepAnalysisRequest, work: Path) -> _Outcome:
+    from clusterattack.tracking.store import configure
 
     if name not in _ANALYSES:
         raise ValueError(f"unknown analysis {name!r}, expected one of {ANALYSES}")
     configure(request.tracking_uri, request.registry_uri)
     torch.set_num_threads(request.threads)
-    started = time.perf_counter()
     out = _Outcome()
-    with tempfile.TemporaryDirectory(prefix=f"ca-{name}-") as tmp:
-        _ANALYSES[name](request, _Loader(request), Path(tmp), out)
-        payload = {
-            "kind": name, "sweep": request.sweep, "parent_run_id": request.parent_run_id, "preset": request.preset,
-            "sizes": request.sizes.to_dict(), "eval_limit": request.eval_limit, "seed": request.seed,
-            "code": source_tags(), "items": out.items, "failed": out.failed,
-            "wall_s": round(time.perf_counter() - started, 1),
-        }  # fmt: skip
-        out.metrics["items"], out.metrics["failed_items"] = len(out.items), len(out.failed)
-        out.metrics["wall_s"] = payload["wall_s"]
-        log_analysis_artifacts(
-            run_id, name, payload, figures=out.figures, tables=out.tables, files=out.files, metrics=out.metrics
-        )
+    _ANALYSES[name](request, _Loader(request), work, out)
+    return out
+
+
+def _log_outcome(
+    name: str, request: SweepAnalysisRequest, run_id: str, out: _Outcome, wall_s: float, tasks: int = 1
+) -> dict[str, Any]:
+    """Log ``out`` into ``run_id``; raise when every item failed."""
+    from clusterattack.tracking.analyses import log_analysis_artifacts
+    from clusterattack.tracking.store import source_tags
+
+    payload = {
+        "kind": name, "sweep": request.sweep, "parent_run_id": request.parent_run_id, "preset": request.preset,
+        "sizes": request.sizes.to_dict(), "eval_limit": request.eval_limit, "seed": request.seed,
+        "code": source_tags(), "items": out.items, "failed": out.failed,
+        "wall_s": round(wall_s, 1), "tasks": tasks,
+    }  # fmt: skip
+    out.metrics["items"], out.metrics["failed_items"] = len(out.items), len(out.failed)
+    out.metrics["wall_s"] = payload["wall_s"]
+    log_analysis_artifacts(
+        run_id, name, payload, figures=out.figures, tables=out.tables, files=out.files, metrics=out.metrics
+    )
     if not out.items and out.failed:
         raise RuntimeError(f"{name}: every item failed: " + "; ".join(f"{f['key']}: {f['error']}" for f in out.failed))
     return {"items": len(out.items), "failed": out.failed, "wall_s": payload["wall_s"]}
+
+
+def _tasks_of(name: str, request: SweepAnalysisRequest) -> list[tuple[str, ...] | None]:
+    """The victims of each task analysis ``name`` runs as: one per victim where it is split, else [None] (one task)."""
+    models = sorted({str(r["model"]) for r in request.rows})
+    if name in PER_VICTIM and len(models) > 1:
+        return [(m,) for m in models]
+    return [None]
+
+
+def _merged(
+    name: str, request: SweepAnalysisRequest, run_id: str, shares: list[Any], started: float
+) -> tuple[dict[str, Any] | None, Exception | None]:
+    """(what the analysis did, None) once its per-victim shares are merged and logged, or (None, the error)."""
+    errors = [s for s in shares if isinstance(s, Exception)]
+    if errors:
+        return None, errors[0]
+    out = _Outcome()
+    for share in shares:
+        out.merge(pickle.loads(share))
+    try:
+        return _log_outcome(name, request, run_id, out, time.perf_counter() - started, tasks=len(shares)), None
+    except Exception as err:  # recorded as the analysis's failure, like a task's
+        return None, err
 
 
 # ------------------------------------------------------------------ the driver
@@ -130,12 +192,27 @@ def run_sweep_analyses(request: SweepAnalysisRequest) -> dict[str, AnalysisStatu
         num_gpus=request.gpus_per_task, max_retries=0,
     )  # fmt: skip
     started = time.perf_counter()
+    jobs = [(name, models) for name in todo for models in _tasks_of(name, request)]
+    parts: dict[str, dict[tuple[str, ...], Any]] = {}
     try:
         shipped = runner.put(request.detached())
-        handles = [runner.submit(run_analysis, name, shipped, record[name]["run_id"]) for name in todo]
+        handles = [
+            runner.submit(run_analysis, name, shipped, record[name]["run_id"])
+            if models is None
+            else runner.submit(analysis_part, name, shipped, models)
+            for name, models in jobs
+        ]
         for i, result, err in runner.as_completed(handles):
-            name = todo[i]
+            name, models = jobs[i]
             run_id = record[name]["run_id"]
+            if models is not None:
+                # A per-victim share: the analysis is done when its last share is, merged in victim order.
+                done = parts.setdefault(name, {})
+                done[models] = err if err is not None else result
+                shares = [m for n, m in jobs if n == name]
+                if len(done) < len(shares):
+                    continue
+                result, err = _merged(name, request, run_id, [done[m] for m in shares], started)
             wall = time.perf_counter() - started
             if err is not None:  # the analysis raised, or its worker died: record it, go on
                 error = f"{type(err).__name__}: {err}"

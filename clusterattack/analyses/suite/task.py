@@ -97,6 +97,16 @@ class _Outcome:
             self.tables.setdefault(name, []).extend({"item": key, **r} for r in rows)
         self.metrics.update({f"{key}.{k}": v for k, v in result.metrics.items()})
 
+    def merge(self, other: _Outcome) -> None:
+        """Add ``other``'s items, failures, figures, tables, files and metrics to these (one task's share)."""
+        self.items.extend(other.items)
+        self.failed.extend(other.failed)
+        self.figures.update(other.figures)
+        for name, rows in other.tables.items():
+            self.tables.setdefault(name, []).extend(rows)
+        self.files.update(other.files)
+        self.metrics.update(other.metrics)
+
     def attempt(self, key: str, fn: Callable[[], None]) -> None:
         """Run one item; an error is recorded against it and the next item goes on."""
         try:
