@@ -285,6 +285,31 @@ def test_baselines_run_one_task_per_victim_merged_into_one_run(analysed, tmp_pat
     assert len(artifacts) == 2 * len(list(client.list_artifacts(whole.info.run_id, "figures"))), artifacts
 
 
+def test_a_per_victim_share_whose_task_died_is_a_failed_item_and_the_others_are_logged(swept, tmp_path):
+    import pickle
+    import time
+
+    from clusterattack.analyses.suite.driver import _merged
+    from clusterattack.analyses.suite.task import _Outcome
+
+    _, config, outcome = swept
+    client = MlflowClient(outcome.tracking_uri)
+    run_id = client.create_run(client.get_run(outcome.parent_run_id).info.experiment_id).info.run_id
+    kept = _Outcome()
+    kept.add("cc-digits-surrogate-eps0.1", {"rows": [{"method": "generator", "nmi_drop": 0.5}]}, {"seeds": "1,2"})
+    kept.metrics["cc-digits-surrogate-eps0.1.generator_nmi_drop"] = 0.5
+    shares = [(("cc",), pickle.dumps(kept)), (("twin",), RuntimeError("the worker died"))]
+    result, err = _merged("baselines", _request(config, outcome), run_id, shares, time.perf_counter())
+    assert err is None and result["items"] == 1
+    assert result["failed"] == [{"key": "twin", "error": "RuntimeError: the worker died"}]
+    payload = json.loads(Path(client.download_artifacts(run_id, "analysis/baselines.json", str(tmp_path))).read_text())
+    assert [i["key"] for i in payload["items"]] == ["cc-digits-surrogate-eps0.1"] and payload["tasks"] == 2
+    assert client.get_run(run_id).data.metrics["cc-digits-surrogate-eps0.1.generator_nmi_drop"] == 0.5
+    # Every share failed: the analysis fails, saying why.
+    _, err = _merged("baselines", _request(config, outcome), run_id, shares[1:], time.perf_counter())
+    assert isinstance(err, RuntimeError) and "every item failed: twin: RuntimeError: the worker died" in str(err)
+
+
 def test_a_failing_analysis_leaves_the_others_and_the_report_standing(swept, tmp_path):
     """Through ``jobs/report.py --run-analyses`` (the request read back from the parent run)."""
     from clusterattack.tracking.sweeps import SweepRecorder

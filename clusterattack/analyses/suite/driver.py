@@ -121,15 +121,19 @@ def _tasks_of(name: str, request: SweepAnalysisRequest) -> list[tuple[str, ...] 
 
 
 def _merged(
-    name: str, request: SweepAnalysisRequest, run_id: str, shares: list[Any], started: float
+    name: str, request: SweepAnalysisRequest, run_id: str, shares: list[tuple[tuple[str, ...], Any]], started: float
 ) -> tuple[dict[str, Any] | None, Exception | None]:
-    """(what the analysis did, None) once its per-victim shares are merged and logged, or (None, the error)."""
-    errors = [s for s in shares if isinstance(s, Exception)]
-    if errors:
-        return None, errors[0]
+    """(what the analysis did, None) once its per-victim shares are merged and logged, or (None, the error).
+
+    A share whose task failed (its worker died) is a failed item named by its victims; the
+    other shares' items are still logged.
+    """
     out = _Outcome()
-    for share in shares:
-        out.merge(pickle.loads(share))
+    for models, share in shares:
+        if isinstance(share, Exception):
+            out.failed.append({"key": ",".join(models), "error": f"{type(share).__name__}: {share}"})
+        else:
+            out.merge(pickle.loads(share))
     try:
         return _log_outcome(name, request, run_id, out, time.perf_counter() - started, tasks=len(shares)), None
     except Exception as err:  # recorded as the analysis's failure, like a task's
@@ -212,7 +216,7 @@ def run_sweep_analyses(request: SweepAnalysisRequest) -> dict[str, AnalysisStatu
                 shares = [m for n, m in jobs if n == name]
                 if len(done) < len(shares):
                     continue
-                result, err = _merged(name, request, run_id, [done[m] for m in shares], started)
+                result, err = _merged(name, request, run_id, [(m, done[m]) for m in shares], started)
             wall = time.perf_counter() - started
             if err is not None:  # the analysis raised, or its worker died: record it, go on
                 error = f"{type(err).__name__}: {err}"
