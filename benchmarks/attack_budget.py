@@ -90,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --record: a sentence added to its description (how the runs were made: shared cores ...)",
     )
     p.add_argument(
+        "--record-title", default="", metavar="TEXT",
+        help="with --record: its title instead of the one made from the recipes and victims (where the "
+        "labels leave out what every run shares, say it: a screen at the demo's sizes ...)",
+    )
+    p.add_argument(
         "--resume", action="store_true",
         help="keep the runs already in --out whose victim version and attack config are the ones this run "
         "would use (an interrupted run goes on where it stopped; their code commits go in the record)",
@@ -102,8 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what the record's command shows
-    if (args.record_headline or args.record_dir or args.record_note) and args.record is None:
-        p.error("--record-headline, --record-dir and --record-note go with --record")
+    if (args.record_headline or args.record_dir or args.record_note or args.record_title) and args.record is None:
+        p.error("--record-headline, --record-dir, --record-note and --record-title go with --record")
     if args.record:
         from clusterattack.reports.records import is_record_id
 
@@ -591,7 +596,7 @@ def _record(
         }  # fmt: skip
     path = write_record(
         args.record or f"attack_budget_{args.dataset}", rows, provenance, kind="attack",
-        title=(
+        title=args.record_title.strip() or (
             f"NMI drop against image-queries: {_compared(runs)} on "
             f"{', '.join(dict.fromkeys(r.victim.removeprefix('victim-').rsplit('-', 1)[0].upper() for r in runs))} "
             "(benchmarks/attack_budget.py)"

@@ -84,12 +84,13 @@ def test_a_resumed_run_keeps_what_matches_and_runs_again_what_changed(mlflow_uri
     assert bench.main(["--dataset", "digits", "--n-test", "128", "--out", str(tmp_path / "all"), "--quiet",
                        "--collect", str(first_dir), "--collect", str(out), "--collect", str(tmp_path / "wb"),
                        "--record", "budget-mixed", "--record-dir", str(records), "--record-headline",
-                       "--record-note", "Two seeds from two commits."]) == 0  # fmt: skip
+                       "--record-note", "Two seeds from two commits.", "--record-title", "Seeds from two commits"]) == 0  # fmt: skip
     table = (tmp_path / "all" / "attack_budget.md").read_text()
     assert "| default | 0,1 |" in table and "| default+alpha_c=0.5 | 0 |" in table
     assert "| default+gradient_source=whitebox | 0 |" in table
     record = json.loads((records / "budget-mixed.json").read_text())
     assert record["headline"] is True and record["description"].endswith(" Two seeds from two commits.")
+    assert record["title"] == "Seeds from two commits"
     assert record["description"].startswith(
         "Surrogate and whitebox modes (white-box rows: the reference, the victim's own gradient; its forward "
         "and backward passes counted as image-queries), L-inf eps 0.1, 128 test images scored."
@@ -119,3 +120,6 @@ def test_a_record_name_that_cannot_be_a_file_name_is_refused_before_any_work(cap
     with pytest.raises(SystemExit):
         bench.parse_args(["--record-note", "shared cores"])
     assert "go with --record" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--record-title", "a screen"])
+    assert "--record-title go with --record" in capsys.readouterr().err
