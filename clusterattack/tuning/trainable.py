@@ -103,10 +103,10 @@ class TrialContext:
     phase: str = "search"
     objective: str = "label_free"
     #: The attacker's backbone cache (``CLUSTERATTACK_CACHE_DIR``) as an absolute folder, resolved
-    #: where the driver runs; empty: no cache. Tune runs each trial in a working folder of its
-    #: own, where the default relative ``runs/cache`` gave every trial a cache of its own and
-    #: every trial trained its attacker pretexts again.
-    attacker_cache: str = ""
+    #: where the driver runs; "": no cache; None: the trial process's own setting. Tune runs each
+    #: trial in a working folder of its own, where the default relative ``runs/cache`` gave every
+    #: trial a cache of its own and every trial trained its attacker pretexts again.
+    attacker_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -182,7 +182,8 @@ def attack_trainable(config: dict[str, Any], context: TrialContext) -> None:
     from clusterattack.serving import LedgerAdmin, ServedVictim
 
     torch.set_num_threads(max(1, int(context.torch_threads)))
-    os.environ[CACHE_ENV] = context.attacker_cache
+    if context.attacker_cache is not None:
+        os.environ[CACHE_ENV] = context.attacker_cache
     attack = AttackConfig.from_dict(context.attack).override(**trial_params(config))
     trial_id = tune.get_context().get_trial_id() or "local"
 
