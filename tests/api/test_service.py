@@ -269,6 +269,7 @@ def test_albums_survive_redeploying_the_replicas(album_env):
     """Albums live in the store actor, not the replica: a replaced replica still sees them."""
     import dataclasses
 
+    import ray
     from ray import serve
 
     from clusterattack.api.launch import deploy_album_service
@@ -295,7 +296,10 @@ def test_albums_survive_redeploying_the_replicas(album_env):
 
     deadline = time.monotonic() + 300
     while limit() != MAX_ALBUMS + 1:
-        assert time.monotonic() < deadline, f"no replica of the changed config within 300 s: {serve.status().applications[KMEANS_APP]}"
+        assert time.monotonic() < deadline, (
+            f"no replica of the changed config within 300 s: {serve.status().applications[KMEANS_APP]}; "
+            f"free: {ray.available_resources()}"
+        )
         time.sleep(0.5)
     detail = call("GET", f"{album_env.url(KMEANS_APP)}/v1/albums/{token}", key).json()
     assert [row["image_id"] for row in detail["images"]] == ids
