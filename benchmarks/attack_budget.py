@@ -416,9 +416,10 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def figure(runs: list[Run], path: Path) -> None:
+def figure(runs: list[Run], path: Path, title: str = "") -> None:
     """NMI drop against image-queries, one panel per victim, one colour per recipe (one legend
-    entry per recipe, under the panels: labels of --set changes are long)."""
+    entry per recipe, under the panels: labels of --set changes are long); ``title`` (the
+    record's, where given) heads it, since the labels leave out what every run shares."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -454,7 +455,8 @@ def figure(runs: list[Run], path: Path) -> None:
     fig.legend(handles, recipes, loc="lower center", fontsize=7, frameon=False,
                title=f"seeds {', '.join(map(str, seeds))}: a recipe's first seed in circles, the others in light triangles",
                title_fontsize=7)  # fmt: skip
-    fig.suptitle("Generator attack: NMI drop against image-queries (dashed: 80%, dotted: 150,000 queries)", fontsize=9)
+    axes_line = "NMI drop against image-queries (dashed: 80%, dotted: 150,000 queries)"
+    fig.suptitle(f"{title}\n{axes_line}" if title else f"Generator attack: {axes_line}", fontsize=9)
     fig.tight_layout(rect=(0, legend_in / (3.2 * rows + legend_in), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -509,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         {k for r in rows for k in r if k.startswith("stage.")}
     ) + ["wall_s"]
     stages = _markdown(rows, stage_cols)
-    figure(runs, out / "attack_budget.png")
+    figure(runs, out / "attack_budget.png", title=args.record_title.strip())
     (out / "attack_budget.md").write_text(table + "\n\n" + stages + "\n")
     print("\n" + table + "\n\nwall time by stage (s; pretext on its own line: paid once per data set, pool and seed)\n")
     print(stages)
