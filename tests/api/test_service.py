@@ -266,7 +266,7 @@ def test_album_limits_answer_413_409_and_bad_requests_422(album_env):
 
 
 def test_albums_survive_redeploying_the_replicas(album_env):
-    """Albums live in the store actor, not the replica: a replaced replica still sees them."""
+    """Albums live in the store actor, not the replica: a new replica still sees them."""
     import dataclasses
 
     import ray
@@ -278,32 +278,36 @@ def test_albums_survive_redeploying_the_replicas(album_env):
     token = create(album_env, key, KMEANS_APP)
     ids = add(album_env, key, token, blobs(4)[0], KMEANS_APP).json()["image_ids"]
     config = album_env.configs[KMEANS_APP]
-    # A changed config makes Serve replace the replica (the limits are the replica's own).
     changed = dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_albums_per_key=MAX_ALBUMS + 1))
+    # The app is deleted (its replica with it) and deployed again with a changed config, whose
+    # limit only a new replica can answer. An update in place (``serve.run`` over the running
+    # app) was tried first: on loaded machines (twice on CI, once in ``make test`` here) Serve
+    # then reported the update complete, one replica RUNNING, while /v1/info went on without the
+    # new limit for 300 s; a fresh deploy has no old status to report "ready" on.
+    serve.delete(KMEANS_APP)
     deploy_album_service(PrototypeModel(), name=KMEANS_APP, config=changed, ledger=album_env.ledger)
     album_env.configs[KMEANS_APP] = changed
 
-    # Only a replica built from the changed config answers the new limit. Serve's controller
-    # starts it once the old one is stopping; ``serve.run`` may say "ready" before that, and on
-    # loaded CI machines the swap took over 120 s (twice in some 40 suite runs), so the test
-    # waits for what it is about, the new replica answering, and says where Serve stood if not.
+    answers: list[object] = []
+
     def limit() -> int | None:
-        try:  # between the replicas a request may wait out its timeout or be refused
+        try:
             answer = call("GET", album_env.url(KMEANS_APP) + "/v1/info", key)
-        except requests.RequestException:
+        except requests.RequestException as exc:
+            answers.append(repr(exc))
             return None
+        answers.append((answer.status_code, answer.text[:200]))
         return answer.json().get("max_albums_per_key") if answer.status_code == 200 else None
 
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 120
     while limit() != MAX_ALBUMS + 1:
         assert time.monotonic() < deadline, (
-            f"no replica of the changed config within 300 s: {serve.status().applications[KMEANS_APP]}; "
-            f"free: {ray.available_resources()}"
+            f"no replica of the changed config answered within 120 s (last answers {answers[-3:]}): "
+            f"{serve.status().applications[KMEANS_APP]}; free: {ray.available_resources()}"
         )
         time.sleep(0.5)
     detail = call("GET", f"{album_env.url(KMEANS_APP)}/v1/albums/{token}", key).json()
     assert [row["image_id"] for row in detail["images"]] == ids
-    assert limit() == MAX_ALBUMS + 1, "the old replica answered after the new one"
 
 
 def test_the_handle_api_matches_http_and_raises_typed_errors(album_env):
