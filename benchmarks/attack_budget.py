@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what the record's command shows
+    args.record_note, args.record_title = args.record_note.strip(), args.record_title.strip()
     if (args.record_headline or args.record_dir or args.record_note or args.record_title) and args.record is None:
         p.error("--record-headline, --record-dir, --record-note and --record-title go with --record")
     if args.record:
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         {k for r in rows for k in r if k.startswith("stage.")}
     ) + ["wall_s"]
     stages = _markdown(rows, stage_cols)
-    figure(runs, out / "attack_budget.png", title=args.record_title.strip())
+    figure(runs, out / "attack_budget.png", title=args.record_title)
     (out / "attack_budget.md").write_text(table + "\n\n" + stages + "\n")
     print("\n" + table + "\n\nwall time by stage (s; pretext on its own line: paid once per data set, pool and seed)\n")
     print(stages)
@@ -598,7 +599,7 @@ def _record(
         }  # fmt: skip
     path = write_record(
         args.record or f"attack_budget_{args.dataset}", rows, provenance, kind="attack",
-        title=args.record_title.strip() or (
+        title=args.record_title or (
             f"NMI drop against image-queries: {_compared(runs)} on "
             f"{', '.join(dict.fromkeys(r.victim.removeprefix('victim-').rsplit('-', 1)[0].upper() for r in runs))} "
             "(benchmarks/attack_budget.py)"
@@ -611,7 +612,7 @@ def _record(
             f"{'the whole test split' if args.n_test is None else f'{args.n_test:,} test images'} scored. "
             "Wall time is the attack's own on "
             "this machine (scoring left out); pretext_s the attacker's SimCLR backbones, paid once per data "
-            "set, pool and seed (0 when the cache had them)." + (f" {args.record_note.strip()}" if args.record_note else "")
+            "set, pool and seed (0 when the cache had them)." + (f" {args.record_note}" if args.record_note else "")
         ),
         columns=[("victim", "victim"), ("recipe", "recipe"), ("nmi_pre", "NMI before"), ("nmi_post", "NMI after"),
                  ("nmi_drop", "NMI drop"), ("image_queries", "image-queries"), ("calls_256", "calls of 256"),
